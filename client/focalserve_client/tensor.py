@@ -1,0 +1,105 @@
+"""NumPy arrays <-> `focalloss.v1.Tensor` messages.
+
+A Tensor is raw little-endian bytes in C order plus a dtype and a shape. Decoding returns a read-only
+view of the message's bytes (no copy); only bfloat16, which NumPy lacks, is widened to float32.
+Encoding copies the array's bytes once, into the message.
+"""
+
+from __future__ import annotations
+
+import math
+import numpy as np
+
+from focalloss.v1 import focal_loss_pb2 as pb
+
+# Wire dtype -> NumPy dtype (explicitly little-endian). bfloat16 travels as its raw 16 bits.
+NUMPY_DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_BFLOAT16: np.dtype("<u2"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_UINT8: np.dtype("u1"),
+    pb.DTYPE_BOOL: np.dtype("?"),
+}
+
+_WIRE_DTYPES: dict[np.dtype, int] = {
+    np.dtype("f4"): pb.DTYPE_FLOAT32,
+    np.dtype("f8"): pb.DTYPE_FLOAT64,
+    np.dtype("f2"): pb.DTYPE_FLOAT16,
+    np.dtype("i4"): pb.DTYPE_INT32,
+    np.dtype("i8"): pb.DTYPE_INT64,
+    np.dtype("u1"): pb.DTYPE_UINT8,
+    np.dtype("?"): pb.DTYPE_BOOL,
+}
+
+
+class TensorError(ValueError):
+    """A Tensor message that cannot be decoded; `field` names it (e.g. "logit.shape")."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def dtype_name(dtype: int) -> str:
+    try:
+        return pb.DType.Name(dtype)
+    except ValueError:
+        return f"unknown DType {dtype}"
+
+
+def decode(tensor: pb.Tensor, field: str, allowed: tuple[int, ...]) -> np.ndarray:
+    """The tensor's values as an ndarray of its shape: a read-only view of the bytes (bfloat16 widened).
+
+    dtype, shape and byte length are checked before anything is allocated, so a message that declares
+    a huge shape with few bytes costs nothing.
+    """
+    if tensor.dtype not in allowed:
+        names = ", ".join(pb.DType.Name(d) for d in allowed)
+        raise TensorError(f"{field}.dtype", f"{dtype_name(tensor.dtype)} is not allowed here (allowed: {names})")
+    shape = tuple(int(d) for d in tensor.shape)
+    for axis, dim in enumerate(shape):
+        if dim < 0:
+            raise TensorError(f"{field}.shape", f"dimension {axis} is negative ({dim})")
+    size = math.prod(shape)
+    nbytes = size * NUMPY_DTYPES[tensor.dtype].itemsize
+    data = tensor.data  # upb copies a bytes field on every read: read it exactly once
+    if len(data) != nbytes:
+        raise TensorError(
+            f"{field}.data",
+            f"has {len(data)} bytes but shape {list(shape)} of {pb.DType.Name(tensor.dtype)} needs {nbytes}",
+        )
+    array = np.frombuffer(data, dtype=NUMPY_DTYPES[tensor.dtype], count=size)
+    if tensor.dtype == pb.DTYPE_BFLOAT16:
+        array = bfloat16_to_float32(array)
+    return array.reshape(shape)
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 is the upper half of a float32: widening is exact."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bfloat16(values: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bfloat16 bits (NaN kept NaN), for clients that send bfloat16."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    nan = np.isnan(values)
+    return np.where(nan, (bits >> 16) | 0x40, rounded).astype(np.uint16)
+
+
+def encode(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
+    """An ndarray as a Tensor message. `dtype` forces the wire dtype (e.g. DTYPE_BFLOAT16 for uint16 bits)."""
+    array = np.asarray(array)
+    if dtype is None:
+        try:
+            dtype = _WIRE_DTYPES[array.dtype.newbyteorder("=")]
+        except KeyError:
+            raise TensorError("tensor", f"NumPy dtype {array.dtype} has no wire dtype") from None
+    wire = NUMPY_DTYPES[dtype]
+    if array.dtype != wire:
+        array = array.astype(wire)
+    return pb.Tensor(dtype=dtype, shape=array.shape, data=np.ascontiguousarray(array).tobytes())

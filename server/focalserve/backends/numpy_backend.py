@@ -1,0 +1,272 @@
+"""The CPU backend: sigmoid focal loss and gradient in one fused pass of NumPy ufuncs over cache-sized blocks.
+
+Per element, with x the logit, y the label (soft labels allowed), p = σ(x) (SPEC §1):
+
+    CE      = softplus(-|x|) + y·relu(-x) + (1-y)·relu(x)          # y·softplus(-x) + (1-y)·softplus(x)
+    q       = 1 - p_t = σ(-x)·y + σ(x)·(1-y)
+    α_t     = α·y + (1-α)·(1-y)
+    loss    = α_t · q^γ · CE
+    dloss/dx = α_t · q^γ · [ (p - y) + γ·(1-2y)·r·CE ],   r = σ(x)·σ(-x) / q  (0 where q = 0)
+
+Numerically (SPEC §1.5): σ(x) and σ(-x) both come from e = exp(-|x|) as r·max(e, h) and r·max(e, 1-h)
+with r = 1/(1+e) and h = [x >= 0], so neither is formed as 1 minus the other; every sum above adds
+non-negative terms except p - y = σ(x)·(1-y) - σ(-x)·y, whose cancellation is the true value's. The
+result is finite for every finite logit and every γ >= 0, with no negative power of q.
+
+Each block's intermediates live in per-thread scratch buffers that stay in L2; the per-element loss is
+only written out for reduction NONE; the loss sum is accumulated per block in float64 and the blocks'
+sums are added with math.fsum, so the result does not depend on how blocks are split among threads.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from focalserve_client.combine import reduced_loss
+
+from .. import request as rq
+from ..request import Job
+from .base import Result
+
+DEFAULT_BLOCK_ELEMENTS = 32 * 1024
+_SCRATCH_BUFFERS = 11
+
+
+class _Scratch:
+    """Per-thread block buffers of one dtype, allocated once and reused by every request."""
+
+    def __init__(self, dtype: np.dtype, block: int):
+        self.buffers = [np.empty(block, dtype) for _ in range(_SCRATCH_BUFFERS)]
+        self.label = np.empty(block, dtype)
+        self.keep = np.empty(block, dtype)
+        self.zeros = np.zeros(block, dtype)
+
+    def views(self, n: int) -> list[np.ndarray]:
+        return [b[:n] for b in self.buffers]
+
+
+def _power(q: np.ndarray, gamma: float, out: np.ndarray) -> np.ndarray:
+    """q**gamma, by multiplication for the common integer and half-integer γ (faster and exact-er than pow)."""
+    twice = 2.0 * gamma
+    if twice == int(twice) and gamma <= 8.0:
+        whole = int(gamma)
+        if twice % 2:
+            np.sqrt(q, out=out)
+        else:
+            out.fill(1.0)
+        for _ in range(whole):
+            out *= q
+        return out
+    return np.power(q, gamma, out=out)
+
+
+def focal_block(x: np.ndarray, y: np.ndarray, alpha: float, gamma: float, want_grad: bool,
+                scratch: _Scratch) -> tuple[np.ndarray, np.ndarray | None]:
+    """Loss and dloss/dx of one block (before normalizer, reduction and grad_output), in scratch buffers."""
+    n = x.size
+    b = scratch.views(n)
+    e = np.abs(x, out=b[0])
+    np.negative(e, out=e)
+    np.exp(e, out=e)                                   # e = exp(-|x|)
+    ce = np.log1p(e, out=b[1])                         # softplus(-|x|), the start of CE
+    r = np.add(e, 1.0, out=b[2])
+    np.reciprocal(r, out=r)                            # 1/(1+e)
+    h = np.greater_equal(x, 0.0, out=b[3])             # [x >= 0] as 0/1
+    p = np.maximum(e, h, out=b[4])
+    p *= r                                             # σ(x)
+    np.subtract(1.0, h, out=h)
+    omp = np.maximum(e, h, out=b[3])
+    omp *= r                                           # σ(-x) = 1 - p, never by subtraction
+
+    relu_x = np.maximum(x, scratch.zeros[:n], out=b[0])
+    relu_neg_x = np.subtract(relu_x, x, out=b[2])      # exact: 0 - x or x - x
+    omy = np.subtract(1.0, y, out=b[5])
+    relu_neg_x *= y
+    relu_x *= omy
+    ce += relu_neg_x
+    ce += relu_x                                       # CE = sp + y·relu(-x) + (1-y)·relu(x)
+
+    omp_y = np.multiply(omp, y, out=b[0])
+    p_omy = np.multiply(p, omy, out=b[2])
+    q = np.add(omp_y, p_omy, out=b[6])                 # 1 - p_t
+    weight = np.multiply(y, 2.0 * alpha - 1.0, out=b[7])
+    weight += 1.0 - alpha                              # α_t
+    if gamma != 0.0:
+        weight *= _power(q, gamma, out=b[8])           # α_t · q^γ
+    loss = np.multiply(weight, ce, out=b[8])
+    if not want_grad:
+        return loss, None
+
+    grad = np.subtract(p_omy, omp_y, out=b[2])         # p - y
+    if gamma != 0.0:
+        focus = np.multiply(p, omp, out=b[0])
+        den = np.equal(q, 0.0, out=b[9])
+        den += q
+        focus /= den                                   # r = p(1-p)/q, 0 where q == 0
+        focus *= ce
+        one_m_2y = np.subtract(omy, y, out=b[10])
+        focus *= one_m_2y
+        focus *= gamma
+        grad += focus
+    grad *= weight
+    return loss, grad
+
+
+class NumpyBackend:
+    """Fused block pipeline on the CPU; `threads` > 1 splits a large request's blocks over a pool."""
+
+    name = "numpy"
+
+    def __init__(self, threads: int = 1, block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+                 allow_nonfinite: bool = False):
+        self.threads = max(1, threads)
+        self.block_elements = block_elements
+        self.allow_nonfinite = allow_nonfinite
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(self.threads, "focal-block") if self.threads > 1 else None
+
+    def devices(self) -> list[str]:
+        return [f"cpu ({_cpu_model()})"]
+
+    def _scratch(self, dtype: np.dtype, elements: int) -> _Scratch:
+        cache = self._local.__dict__.setdefault("scratch", {})
+        scratch = cache.get(dtype)
+        if scratch is None or scratch.zeros.size < elements:
+            scratch = cache[dtype] = _Scratch(dtype, max(elements, self.block_elements))
+        return scratch
+
+    def run(self, job: Job) -> Result:
+        started = time.perf_counter()
+        dtype = job.dtype
+        width = job.num_classes if job.label_format == rq.CLASS_INDEX else 1
+        rows = job.elements // width if width else 0
+        rows_per_block = max(1, self.block_elements // max(width, 1))
+        blocks = -(-rows // rows_per_block)
+
+        loss_out = np.empty(job.logit.shape, dtype) if job.reduction == "none" else None
+        grad_out = np.empty(job.logit.shape, dtype) if job.compute_grad else None
+        block_sums = np.zeros(blocks, np.float64)
+        block_positives = np.zeros(blocks, np.int64)
+        outputs = (loss_out.reshape(-1) if loss_out is not None else None,
+                   grad_out.reshape(-1) if grad_out is not None else None)
+
+        def run_blocks(first: int, last: int) -> None:
+            scratch = self._scratch(dtype, rows_per_block * width)
+            for k in range(first, last):
+                r0 = k * rows_per_block
+                r1 = min(r0 + rows_per_block, rows)
+                block_sums[k], block_positives[k] = self._block(job, r0, r1, width, scratch, outputs)
+
+        if self._pool is not None and blocks > 1:
+            step = -(-blocks // self.threads)
+            spans = [(i, min(i + step, blocks)) for i in range(0, blocks, step)]
+            for future in [self._pool.submit(run_blocks, a, z) for a, z in spans]:
+                future.result()
+        else:
+            run_blocks(0, blocks)
+
+        loss_sum = math.fsum(block_sums)
+        positives = job.positives if job.positives is not None else float(block_positives.sum())
+        if loss_out is None:
+            loss_out = np.asarray(reduced_loss(loss_sum, job.normalizer, job.elements, job.reduction), dtype)
+        return Result(loss=loss_out, grad=grad_out, elements=job.elements, positives=positives,
+                      loss_sum=loss_sum, compute_seconds=time.perf_counter() - started, backend=self.name)
+
+    def _block(self, job: Job, r0: int, r1: int, width: int, scratch: _Scratch,
+               outputs: tuple[np.ndarray | None, np.ndarray | None]) -> tuple[float, int]:
+        s, t = r0 * width, r1 * width
+        n = t - s
+        x = job.logit.reshape(-1)[s:t]
+        if not self.allow_nonfinite:
+            # |x| is finite iff x is; max() propagates NaN, so one reduction tells
+            if not np.abs(x, out=scratch.keep[:n]).max() <= np.finfo(x.dtype).max:
+                rq.raise_nonfinite_logits(s, x)
+        if job.label_format == rq.CLASS_INDEX:
+            y, keep, positives = self._class_index_labels(job.label[r0:r1], width, scratch)
+        else:
+            y, keep, positives = self._dense_labels(job.label.reshape(-1)[s:t], s, scratch)
+
+        loss, grad = focal_block(x, y, job.alpha, job.gamma, job.compute_grad, scratch)
+        if keep is not None:
+            loss *= keep
+            if grad is not None:
+                grad *= keep
+        loss_out, grad_out = outputs
+        if loss_out is not None:
+            np.multiply(loss, 1.0 / job.normalizer, out=loss_out[s:t])
+        if grad_out is not None:
+            np.multiply(grad, job.grad_scale, out=grad_out[s:t])
+            if job.grad_output is not None:
+                grad_out[s:t] *= job.grad_output.reshape(-1)[s:t]
+        return float(np.add.reduce(loss, dtype=np.float64)), positives
+
+    def _dense_labels(self, label: np.ndarray, start: int, scratch: _Scratch):
+        """The block's labels in the compute dtype, checked; -100 (ignored) becomes 0 with keep = 0."""
+        n = label.size
+        keep = None
+        if label.dtype == np.bool_:
+            y = scratch.label[:n]
+            np.copyto(y, label)
+        elif label.dtype == np.uint8:
+            if n and label.max() > 1:
+                rq.raise_bad_dense_labels(start, label)
+            y = scratch.label[:n]
+            np.copyto(y, label)
+        else:
+            low, high = (label.min(), label.max()) if n else (0, 0)
+            if low >= 0 and high <= 1:  # NaN fails both
+                if label.dtype == scratch.label.dtype:
+                    y = label
+                else:
+                    y = scratch.label[:n]
+                    np.copyto(y, label, casting="unsafe")
+            else:
+                ignored = label == rq.IGNORE_LABEL
+                if not (((label >= 0) & (label <= 1)) | ignored).all():
+                    rq.raise_bad_dense_labels(start, label)
+                y = scratch.label[:n]
+                np.copyto(y, label, casting="unsafe")
+                y[ignored] = 0
+                keep = np.logical_not(ignored, out=scratch.keep[:n], casting="unsafe")
+        positives = int(np.count_nonzero(y > 0.5))
+        return y, keep, positives
+
+    def _class_index_labels(self, label: np.ndarray, width: int, scratch: _Scratch):
+        """One-hot labels of a block of rows, made in scratch (never for the whole batch)."""
+        rows = label.size
+        n = rows * width
+        classes = np.arange(1, width + 1, dtype=label.dtype)
+        y = scratch.label[:n]
+        np.equal(label[:, None], classes[None, :], out=y.reshape(rows, width))
+        keep = None
+        ignored = label == -1
+        if ignored.any():
+            keep = scratch.keep[:n].reshape(rows, width)
+            keep[...] = np.logical_not(ignored)[:, None]
+            keep = keep.reshape(n)
+        return y, keep, 0
+
+
+_CPU_MODEL: str | None = None
+
+
+def _cpu_model() -> str:
+    global _CPU_MODEL
+    if _CPU_MODEL is None:
+        import platform
+        model = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        model = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        _CPU_MODEL = model
+    return _CPU_MODEL

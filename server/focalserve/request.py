@@ -1,0 +1,245 @@
+"""ComputeRequest -> a validated `Job` with the defaults of SPEC §1.3 resolved.
+
+Everything that can be checked from the message's header and the (small) class-index labels is checked
+here, before any per-element work. The two checks that must read every element (dense label values,
+non-finite logits) are made by the backend while each block is in cache, with the helpers at the end of
+this module, so that a bad value is reported the same way whichever backend runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from focalloss.v1 import focal_loss_pb2 as pb
+from focalserve_client.tensor import TensorError, decode
+
+from .errors import RequestError
+
+DEFAULT_ALPHA = 0.25
+DEFAULT_GAMMA = 2.0
+IGNORE_LABEL = -100
+
+LOGIT_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
+FLOAT_DTYPES = LOGIT_DTYPES
+DENSE_LABEL_DTYPES = FLOAT_DTYPES + (pb.DTYPE_UINT8, pb.DTYPE_BOOL)
+CLASS_INDEX_LABEL_DTYPES = (pb.DTYPE_INT32, pb.DTYPE_INT64)
+
+DENSE = "dense"
+CLASS_INDEX = "class_index"
+_LABEL_FORMATS = {
+    pb.LABEL_FORMAT_UNSPECIFIED: DENSE,
+    pb.LABEL_FORMAT_DENSE: DENSE,
+    pb.LABEL_FORMAT_CLASS_INDEX: CLASS_INDEX,
+}
+_REDUCTIONS = {
+    pb.REDUCTION_UNSPECIFIED: "sum",
+    pb.REDUCTION_NONE: "none",
+    pb.REDUCTION_MEAN: "mean",
+    pb.REDUCTION_SUM: "sum",
+}
+
+
+@dataclass
+class Job:
+    """One validated request, ready for a backend.
+
+    `logit` is in the compute dtype (float32 or float64). For the dense form `label` has the logit's
+    shape in its wire dtype; for the class-index form it is the flat [N] vector of class indices.
+    `normalizer` is final (dense: given or 1; class-index: fg_num given or counted, clamped to >= 1).
+    `grad_scale` is what every element's gradient is multiplied by: 1/normalizer, times 1/numel for
+    MEAN, times the scalar `grad_output` for SUM/MEAN; for NONE `grad_output` is per element.
+    """
+
+    request_id: str
+    logit: np.ndarray
+    label: np.ndarray
+    label_format: str
+    alpha: float
+    gamma: float
+    normalizer: float
+    reduction: str
+    compute_grad: bool
+    grad_output: np.ndarray | None
+    grad_scale: float
+    backend: int
+    num_classes: int = 0
+    positives: float | None = None  # known up front for class-index labels; counted by the backend otherwise
+
+    @property
+    def elements(self) -> int:
+        return self.logit.size
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.logit.dtype
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_elements: int = 0  # 0: no limit beyond the message size
+
+
+def parse(request: pb.ComputeRequest, limits: Limits = Limits()) -> Job:
+    """Validates `request` (SPEC §1.6) and resolves its defaults. Raises RequestError."""
+    label_format = _enum(request.label_format, _LABEL_FORMATS, "label_format", pb.LabelFormat)
+    reduction = _enum(request.reduction, _REDUCTIONS, "reduction", pb.Reduction)
+    if request.backend not in pb.Backend.values():
+        raise RequestError.invalid("backend", f"unknown Backend value {request.backend}")
+
+    alpha = request.alpha if request.HasField("alpha") else DEFAULT_ALPHA
+    if not 0.0 <= alpha <= 1.0:  # also rejects NaN
+        raise RequestError.invalid("alpha", f"must be in [0, 1], got {alpha!r}")
+    gamma = request.gamma if request.HasField("gamma") else DEFAULT_GAMMA
+    if not (math.isfinite(gamma) and gamma >= 0.0):
+        raise RequestError.invalid("gamma", f"must be finite and >= 0, got {gamma!r}")
+
+    for field in ("logit", "label"):
+        if not request.HasField(field):
+            raise RequestError.invalid(field, "is required")
+    logit = _tensor(request.logit, "logit", LOGIT_DTYPES)
+    if limits.max_elements and logit.size > limits.max_elements:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            ("logit", f"{logit.size} elements exceed this server's limit of {limits.max_elements} per request "
+                      "(--max-elements); split the batch (the Python client does it by itself)"),
+        )
+    if logit.dtype == np.float16:
+        logit = logit.astype(np.float32)  # SPEC §2: float16 is computed (and returned) in float32
+
+    if label_format == DENSE:
+        if logit.ndim == 0:
+            raise RequestError.invalid("logit.shape", "must have rank >= 1 for the dense form, got a scalar")
+        label = _tensor(request.label, "label", DENSE_LABEL_DTYPES)
+        if label.shape != logit.shape:
+            raise RequestError.invalid(
+                "label.shape", f"{list(label.shape)} does not match logit.shape {list(logit.shape)}")
+        num_classes = 0
+        positives = None
+        normalizer = _dense_normalizer(request)
+    else:
+        if logit.ndim != 2:
+            raise RequestError.invalid(
+                "logit.shape", f"must be [N, C] for the class-index form, got {list(logit.shape)}")
+        rows, num_classes = logit.shape
+        label = _tensor(request.label, "label", CLASS_INDEX_LABEL_DTYPES)
+        if label.shape != (rows, 1):
+            raise RequestError.invalid("label.shape", f"must be [{rows}, 1] (logit is [N, C]), got {list(label.shape)}")
+        label = label.reshape(rows)
+        positives = float(check_class_index_labels(label, num_classes))
+        normalizer = _class_index_normalizer(request, positives)
+
+    grad_output = None
+    if request.HasField("grad_output"):
+        grad_output = _grad_output(request.grad_output, reduction, logit)
+    if reduction == "none":
+        grad_scale = 1.0 / normalizer
+    else:
+        upstream = 1.0 if grad_output is None else float(grad_output.reshape(()))
+        count = logit.size if reduction == "mean" else 1
+        # one division by the product, so a client splitting a MEAN request into SUM chunks with
+        # normalizer * numel gets bit-identical gradients
+        grad_scale = upstream / (normalizer * count) if logit.size else 0.0
+        grad_output = None
+
+    return Job(
+        request_id=request.request_id,
+        logit=logit,
+        label=label,
+        label_format=label_format,
+        alpha=float(alpha),
+        gamma=float(gamma),
+        normalizer=normalizer,
+        reduction=reduction,
+        compute_grad=request.compute_grad,
+        grad_output=grad_output,
+        grad_scale=grad_scale,
+        backend=request.backend,
+        num_classes=num_classes,
+        positives=positives,
+    )
+
+
+def _enum(value: int, names: dict[int, str], field: str, enum_type) -> str:
+    try:
+        return names[value]
+    except KeyError:
+        raise RequestError.invalid(field, f"unknown {enum_type.DESCRIPTOR.name} value {value}") from None
+
+
+def _tensor(tensor: pb.Tensor, field: str, allowed: tuple[int, ...]) -> np.ndarray:
+    try:
+        return decode(tensor, field, allowed)
+    except TensorError as e:
+        raise RequestError.invalid(e.field, e.reason) from None
+
+
+def _dense_normalizer(request: pb.ComputeRequest) -> float:
+    if not request.HasField("normalizer"):
+        return 1.0
+    value = request.normalizer
+    if not (math.isfinite(value) and value > 0.0):
+        raise RequestError.invalid("normalizer", f"must be finite and > 0 for the dense form, got {value!r}")
+    return value
+
+
+def _class_index_normalizer(request: pb.ComputeRequest, positives: float) -> float:
+    """fg_num: given, or the number of labels >= 1; clamped to >= 1 like the legacy op."""
+    if request.HasField("normalizer"):
+        value = request.normalizer
+        if not math.isfinite(value):
+            raise RequestError.invalid("normalizer", f"fg_num must be finite, got {value!r}")
+    else:
+        value = positives
+    return max(value, 1.0)
+
+
+def check_class_index_labels(label: np.ndarray, num_classes: int) -> int:
+    """Raises unless every label is in {-1, 0..C}; returns the number of positives (labels >= 1)."""
+    if label.size == 0:
+        return 0
+    low, high = int(label.min()), int(label.max())
+    if low < -1 or high > num_classes:
+        bad = np.flatnonzero((label < -1) | (label > num_classes))
+        raise RequestError.invalid(
+            "label",
+            f"class-index labels must be in {{-1, 0..{num_classes}}} (C = {num_classes}); "
+            f"{bad.size} are not, the first at row {bad[0]}: {int(label[bad[0]])}")
+    return int(np.count_nonzero(label >= 1))
+
+
+def _grad_output(tensor: pb.Tensor, reduction: str, logit: np.ndarray) -> np.ndarray:
+    grad_output = _tensor(tensor, "grad_output", FLOAT_DTYPES)
+    if reduction == "none":
+        if grad_output.shape != logit.shape:
+            raise RequestError.invalid(
+                "grad_output.shape",
+                f"must match logit.shape {list(logit.shape)} for reduction NONE, got {list(grad_output.shape)}")
+    elif grad_output.size != 1 or grad_output.ndim > 1:
+        raise RequestError.invalid(
+            "grad_output.shape", f"must be a scalar ([] or [1]) for reduction {reduction.upper()}, "
+                                 f"got {list(grad_output.shape)}")
+    if not np.isfinite(grad_output).all():
+        raise RequestError.invalid("grad_output", "contains NaN or infinite values")
+    return grad_output.astype(logit.dtype, copy=False)
+
+
+# ---- per-block value checks, called by the backends while a block is in cache ----
+
+def raise_nonfinite_logits(block_start: int, block: np.ndarray) -> None:
+    bad = np.flatnonzero(~np.isfinite(block))
+    raise RequestError.invalid(
+        "logit",
+        f"contains NaN or infinite values (first at flat index {block_start + int(bad[0])}: {block[bad[0]]}); "
+        "the server rejects them unless started with --allow-nonfinite")
+
+
+def raise_bad_dense_labels(block_start: int, block: np.ndarray) -> None:
+    bad = np.flatnonzero(~(((block >= 0) & (block <= 1)) | (block == IGNORE_LABEL)))
+    raise RequestError.invalid(
+        "label",
+        f"dense labels must be in [0, 1] or {IGNORE_LABEL} (ignored); "
+        f"found {block[bad[0]]} at flat index {block_start + int(bad[0])}")

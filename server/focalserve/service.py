@@ -1,0 +1,128 @@
+"""The FocalLossService servicer: thin. A request goes bytes -> request.parse -> backend.run -> tensor.encode.
+
+The per-request work runs in a thread pool (NumPy and CuPy release the GIL), so the asyncio loop only
+moves messages. ComputeStream keeps several items in flight and answers them in request order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from concurrent.futures import Executor
+
+import grpc
+from grpc_status import rpc_status
+
+from focalloss.v1 import focal_loss_pb2 as pb
+from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
+from focalserve_client.combine import normalized_loss
+from focalserve_client.tensor import encode
+
+from . import __version__
+from .backends import BackendSet
+from .errors import RequestError, internal_status
+from .request import LOGIT_DTYPES, Limits, parse
+
+log = logging.getLogger("focalserve")
+
+
+class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
+    def __init__(self, backends: BackendSet, executor: Executor, limits: Limits, max_message_bytes: int,
+                 stream_window: int):
+        self._backends = backends
+        self._executor = executor
+        self._limits = limits
+        self._max_message_bytes = max_message_bytes
+        self._stream_window = max(1, stream_window)
+
+    # ---- the work of one request, on a pool thread ----
+
+    def compute(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
+        """Raises RequestError for a request the service refuses."""
+        job = parse(request, self._limits)
+        result = self._backends.select(job).run(job)
+        response = pb.ComputeResponse(
+            request_id=request.request_id,
+            loss=encode(result.loss),
+            backend=result.backend,
+            stats=pb.ItemStats(elements=result.elements, positives=result.positives,
+                               loss_sum=result.loss_sum, compute_seconds=result.compute_seconds),
+        )
+        if result.grad is not None:
+            response.grad.CopyFrom(encode(result.grad))
+        return response
+
+    def _compute_item(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
+        """A stream item: failures become the item's `error`, never the stream's end."""
+        try:
+            return self.compute(request)
+        except RequestError as e:
+            return pb.ComputeResponse(request_id=request.request_id, error=e.to_status_proto())
+        except Exception:
+            return pb.ComputeResponse(request_id=request.request_id,
+                                      error=internal_status(_log_internal(request.request_id)))
+
+    # ---- RPCs ----
+
+    async def Compute(self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext) -> pb.ComputeResponse:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self.compute, request)
+        except RequestError as e:
+            await context.abort_with_status(rpc_status.to_status(e.to_status_proto()))
+        except Exception:
+            await context.abort(grpc.StatusCode.INTERNAL, _log_internal(request.request_id))
+
+    async def ComputeStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        loop = asyncio.get_running_loop()
+        # Bounded: a client that sends faster than the server computes is held back by flow control.
+        in_flight: asyncio.Queue = asyncio.Queue(maxsize=self._stream_window)
+
+        async def submit_all() -> None:
+            try:
+                async for request in request_iterator:
+                    await in_flight.put(loop.run_in_executor(self._executor, self._compute_item, request))
+            finally:
+                await in_flight.put(None)
+
+        reader = asyncio.create_task(submit_all())
+        summary = pb.StreamSummary()
+        try:
+            while (pending := await in_flight.get()) is not None:
+                response = await pending
+                _add_to_summary(summary, response)
+                yield pb.ComputeStreamResponse(result=response)
+            await reader  # a broken request stream ends the call with its error
+            summary.normalized_loss = normalized_loss(summary.loss_sum, summary.positives)
+            yield pb.ComputeStreamResponse(summary=summary)
+        finally:
+            reader.cancel()
+
+    async def GetServerInfo(self, request, context) -> pb.GetServerInfoResponse:
+        return pb.GetServerInfoResponse(
+            version=__version__,
+            backends=self._backends.names,
+            default_backend=self._backends.default_name,
+            devices=self._backends.devices(),
+            logit_dtypes=list(LOGIT_DTYPES),
+            max_message_bytes=self._max_message_bytes,
+            max_elements=self._limits.max_elements,
+        )
+
+
+def _add_to_summary(summary: pb.StreamSummary, response: pb.ComputeResponse) -> None:
+    summary.items += 1
+    if response.HasField("error"):
+        summary.failed_items += 1
+        return
+    summary.elements += response.stats.elements
+    summary.positives += response.stats.positives
+    summary.loss_sum += response.stats.loss_sum
+
+
+def _log_internal(request_id: str) -> str:
+    """Logs the traceback under a fresh error id; returns the message the client gets (no payload)."""
+    error_id = uuid.uuid4().hex[:12]
+    log.exception("internal error %s in request %r", error_id, request_id)
+    return f"internal error {error_id} (request_id {request_id!r}); the server logged the details"
