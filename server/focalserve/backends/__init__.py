@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+
 import grpc
 
 from focalloss.v1 import focal_loss_pb2 as pb
 
 from ..errors import RequestError
 from ..request import Job
-from .base import Backend, Result
+from .base import Backend, BackendOutOfMemory, Result
 from .numpy_backend import NumpyBackend
 
-__all__ = ["Backend", "BackendSet", "NumpyBackend", "Result"]
+__all__ = ["Backend", "BackendOutOfMemory", "BackendSet", "NumpyBackend", "Result", "measure_crossover"]
+
+log = logging.getLogger("focalserve")
 
 
 class BackendSet:
@@ -23,13 +29,14 @@ class BackendSet:
     """
 
     def __init__(self, cpu: Backend, gpu: Backend | None = None, default: str = "auto",
-                 gpu_min_elements: int = 0):
+                 gpu_min_elements: int = 0, on_gpu_fallback: Callable[[], None] | None = None):
         if default == "gpu" and gpu is None:
             raise ValueError("--backend gpu: no GPU is usable (CuPy missing or no CUDA device)")
         self.cpu = cpu
         self.gpu = gpu
         self.default = default if gpu is not None else "cpu"
         self.gpu_min_elements = gpu_min_elements
+        self._on_gpu_fallback = on_gpu_fallback
 
     @property
     def names(self) -> list[str]:
@@ -56,3 +63,38 @@ class BackendSet:
         if self.default == "gpu" or job.elements >= self.gpu_min_elements:
             return self.gpu
         return self.cpu
+
+    def run(self, job: Job) -> Result:
+        """Runs `job` on its backend; a GPU out of memory for it hands it to the CPU instead of failing."""
+        backend = self.select(job)
+        try:
+            return backend.run(job)
+        except BackendOutOfMemory as e:
+            log.warning("GPU out of memory for request %r (%d elements): computed on the CPU (%s)",
+                        job.request_id, job.elements, e)
+            if self._on_gpu_fallback is not None:
+                self._on_gpu_fallback()
+            return self.cpu.run(job)
+
+
+def measure_crossover(cpu: Backend, gpu: Backend, make_job: Callable[[int], Job],
+                      sizes: tuple[int, ...] = tuple(1 << k for k in range(10, 25, 2)), repeats: int = 3) -> int:
+    """The smallest batch (elements) from `sizes` at which `gpu`, transfers included, beats `cpu`.
+
+    BACKEND_AUTO's threshold is measured on the machine at start-up rather than guessed: it depends on
+    the GPU, the PCIe link and the CPU alike. Returns a size beyond `sizes` if the GPU never wins.
+    """
+    def best(backend: Backend, job: Job) -> float:
+        backend.run(job)  # warm: pools, caches
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            backend.run(job)
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    for size in sizes:
+        job = make_job(size)
+        if best(gpu, job) < best(cpu, job):
+            return size
+    return sizes[-1] * 2

@@ -24,6 +24,10 @@ class Result:
     backend: str
 
 
+class BackendOutOfMemory(RuntimeError):
+    """The device could not hold this request; the CPU computes it instead."""
+
+
 class Backend(Protocol):
     name: str
 
