@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -317,14 +316,16 @@ class FocalLossClient:
         sums, stats, backends = [], ItemStats(), set()
         timeout = timeout or self.timeout * max(1, len(starts))
         call = self._stub.ComputeStream(chunk_requests(), timeout=timeout)
+        chunk_starts = iter(starts)
         try:
-            for start, message in zip(itertools.chain(starts, [None]), call):
+            for message in call:  # read to the end: leaving after the summary would cancel a finished call
                 if message.HasField("summary"):
-                    break
+                    continue
                 part = parse_response(message.result)
                 if part.error is not None:
                     part.error.request_id = request_id
                     raise part.error
+                start = next(chunk_starts)
                 stop = min(start + rows_per_chunk, rows)
                 if loss_rows is not None:
                     loss_rows[start:stop] = part.loss.reshape(stop - start, width)
@@ -340,7 +341,7 @@ class FocalLossClient:
         except grpc.RpcError as e:
             raise FocalLossError.from_rpc_error(e, request_id) from None
         finally:
-            call.cancel()
+            call.cancel()  # no-op once the call has finished; stops the server's work after an error
 
         stats.loss_sum = math.fsum(sums)
         if loss_rows is not None:

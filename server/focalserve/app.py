@@ -12,17 +12,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
+import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
+from focalserve_client.client import build_request
 from focalserve_client.tensor import encode
 
-from . import __version__
-from .backends import BackendSet, NumpyBackend
+from . import __version__, metrics
+from .backends import BackendSet, NumpyBackend, measure_crossover
 from .config import Config, parse_args
-from .request import Limits
+from .interceptors import AuthInterceptor, ConcurrencyLimitInterceptor, MetricsInterceptor
+from .request import Limits, parse
 from .service import FocalLossServicer
 
 log = logging.getLogger("focalserve")
@@ -47,8 +50,34 @@ def configure_logging(fmt: str) -> None:
 
 
 def build_backends(config: Config) -> BackendSet:
+    """The CPU backend always; the GPU one unless --backend cpu, when CuPy sees a usable device."""
     cpu = NumpyBackend(threads=config.workers, allow_nonfinite=config.allow_nonfinite)
-    return BackendSet(cpu, gpu=None, default=config.backend)
+    gpu = None
+    if config.backend != "cpu":
+        gpu, why_not = _load_gpu(config)
+        if gpu is None:
+            (log.error if config.backend == "gpu" else log.info)("no GPU backend: %s", why_not)
+    threshold = config.gpu_min_elements
+    if gpu is not None and config.backend == "auto" and threshold < 0:
+        threshold = measure_crossover(cpu, gpu, _calibration_job)
+        log.info("BACKEND_AUTO sends batches of >= %d elements to the GPU (measured at start-up)", threshold)
+    return BackendSet(cpu, gpu=gpu, default=config.backend, gpu_min_elements=max(threshold, 0),
+                      on_gpu_fallback=metrics.GPU_FALLBACKS.inc)
+
+
+def _load_gpu(config: Config):
+    try:
+        from .backends import cupy_backend
+    except ImportError as e:
+        return None, f"CuPy is not installed ({e.name})"
+    return cupy_backend.load(allow_nonfinite=config.allow_nonfinite)
+
+
+def _calibration_job(size: int):
+    rng = np.random.default_rng(0)
+    logit = rng.normal(0, 3, size).astype(np.float32)
+    label = (rng.random(size) < 0.1).astype(np.float32)
+    return parse(build_request(logit, label, reduction="sum", compute_grad=True))
 
 
 def warm_up(servicer: FocalLossServicer) -> None:
@@ -58,14 +87,47 @@ def warm_up(servicer: FocalLossServicer) -> None:
                                        compute_grad=True))
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def server_credentials(config: Config) -> grpc.ServerCredentials | None:
+    """TLS when a certificate is given; mutual TLS (client certificates required) with --tls-client-ca."""
+    if not config.tls_cert:
+        return None
+    client_ca = _read(config.tls_client_ca) if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([(_read(config.tls_key), _read(config.tls_cert))],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def start_metrics(config: Config, backends: BackendSet) -> None:
+    metrics.BUILD_INFO.labels(__version__, backends.default_name, "; ".join(backends.devices())).set(1)
+    if backends.gpu is not None:
+        metrics.GPU_MEMORY.labels("used").set_function(lambda: backends.gpu.memory()[0])
+        metrics.GPU_MEMORY.labels("total").set_function(lambda: backends.gpu.memory()[1])
+    if config.metrics_port >= 0:
+        prometheus_client.start_http_server(config.metrics_port, addr=config.metrics_host)
+
+
 async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     backends = build_backends(config)
     executor = ThreadPoolExecutor(config.workers, thread_name_prefix="focal-request")
     max_bytes = config.max_message_bytes
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", max_bytes),
-        ("grpc.max_send_message_length", max_bytes),
-    ])
+    options = [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes),
+               # gRPC sets SO_REUSEPORT by default: a second server on a taken port would then share it
+               # silently; fail to bind instead, unless several processes are meant to share it
+               ("grpc.so_reuseport", 1 if config.reuse_port else 0)]
+    if config.max_connection_age_s > 0:
+        # clients re-resolve on reconnect, so new replicas get traffic; in-flight calls get a grace period
+        options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]
+    interceptors = [MetricsInterceptor()]
+    if config.auth_token:
+        interceptors.append(AuthInterceptor(config.auth_token))
+    if config.max_concurrent_rpcs > 0:
+        interceptors.append(ConcurrencyLimitInterceptor(config.max_concurrent_rpcs, SERVICE_NAME))
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     servicer = FocalLossServicer(backends, executor, Limits(max_elements=config.max_elements), max_bytes,
                                  stream_window=2 * config.workers)
     pb_grpc.add_FocalLossServiceServicer_to_server(servicer, server)
@@ -73,18 +135,26 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    for name in ("", SERVICE_NAME):  # until warmed up: probes see the port open but not ready
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    credentials = server_credentials(config)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
-        raise SystemExit(f"focalserve: cannot bind {config.host}:{config.port}")
+        raise SystemExit(f"focalserve: cannot bind {address}")
+    start_metrics(config, backends)
     await server.start()
     await asyncio.get_running_loop().run_in_executor(executor, warm_up, servicer)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("focalserve %s serving: backend=%s devices=%s grpc=%s:%d metrics=%s workers=%d max_message_mb=%d",
-             __version__, backends.default_name, "; ".join(backends.devices()), config.host, port,
+    log.info("focalserve %s serving: backend=%s devices=%s grpc=%s:%d (%s) metrics=%s workers=%d "
+             "max_message_mb=%d auth=%s", __version__, backends.default_name, "; ".join(backends.devices()),
+             config.host, port, "mtls" if config.tls_client_ca else "tls" if credentials else "plaintext",
              f"{config.metrics_host}:{config.metrics_port}" if config.metrics_port >= 0 else "off",
-             config.workers, config.max_message_mb)
+             config.workers, config.max_message_mb, "token" if config.auth_token else "none",
+             extra={"fields": {"event": "serving", "version": __version__, "backend": backends.default_name,
+                               "port": port, "metrics_port": config.metrics_port}})
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -95,11 +165,14 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     await stopping.wait()
 
     started = time.monotonic()
-    log.info("drain: health NOT_SERVING, refusing new calls, grace %.1fs", config.grace_seconds)
+    log.info("drain: health NOT_SERVING, refusing new calls, up to %.1fs for calls in flight", config.grace_seconds,
+             extra={"fields": {"event": "drain_start", "grace_seconds": config.grace_seconds}})
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.grace_seconds)
+    log.info("drain: calls finished after %.2fs", time.monotonic() - started,
+             extra={"fields": {"event": "drain_calls_done", "seconds": round(time.monotonic() - started, 3)}})
     executor.shutdown(wait=True)
-    log.info("drain: stopped after %.2fs", time.monotonic() - started)
+    log.info("drain: stopped", extra={"fields": {"event": "drain_done"}})
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -17,9 +17,17 @@ class Config:
     workers: int
     max_message_mb: int
     max_elements: int
+    gpu_min_elements: int
     allow_nonfinite: bool
     grace_seconds: float
     log_format: str
+    max_concurrent_rpcs: int
+    max_connection_age_s: float
+    reuse_port: bool
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
+    auth_token: str = field(default="", repr=False)  # never printed
 
     @property
     def max_message_bytes(self) -> int:
@@ -54,17 +62,48 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="largest request or response message in MiB (default 256); larger: RESOURCE_EXHAUSTED")
     p.add_argument("--max-elements", type=int, default=_env("MAX_ELEMENTS", 0),
                    help="largest logit in elements per request (default 0: bounded by the message size only)")
+    p.add_argument("--gpu-min-elements", type=int, default=_env("GPU_MIN_ELEMENTS", -1),
+                   help="with --backend auto, batches from this size go to the GPU (default -1: measured at start)")
     p.add_argument("--allow-nonfinite", action="store_true", default=_env("ALLOW_NONFINITE", False),
                    help="compute NaN/inf logits instead of rejecting them with INVALID_ARGUMENT")
     p.add_argument("--grace-seconds", type=float, default=_env("GRACE_SECONDS", 30.0),
                    help="on SIGTERM/SIGINT, how long in-flight calls may finish (default 30)")
     p.add_argument("--log-format", choices=("text", "json"), default=_env("LOG_FORMAT", "text"))
+    p.add_argument("--max-concurrent-rpcs", type=int, default=_env("MAX_CONCURRENT_RPCS", 64),
+                   help="FocalLossService calls at once; more get RESOURCE_EXHAUSTED (default 64; 0: no limit)")
+    p.add_argument("--max-connection-age-s", type=float, default=_env("MAX_CONNECTION_AGE_S", 0.0),
+                   help="close connections after this many seconds so clients re-resolve and rebalance "
+                        "(default 0: never; 300 behind a load balancer)")
+    p.add_argument("--reuse-port", action="store_true", default=_env("REUSE_PORT", False),
+                   help="let several server processes share --port (SO_REUSEPORT), to use every core")
+    p.add_argument("--tls-cert", default=_env("TLS_CERT", ""), help="PEM server certificate: serve TLS")
+    p.add_argument("--tls-key", default=_env("TLS_KEY", ""), help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=_env("TLS_CLIENT_CA", ""),
+                   help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    p.add_argument("--auth-token-file", default=_env("AUTH_TOKEN_FILE", ""),
+                   help="file holding the bearer token every call but health must carry "
+                        "(or the token itself in FOCALSERVE_AUTH_TOKEN)")
     a = p.parse_args(argv)
     if a.workers < 1:
         p.error("--workers must be >= 1")
     if a.max_message_mb < 1:
         p.error("--max-message-mb must be >= 1")
+    if bool(a.tls_cert) != bool(a.tls_key):
+        p.error("--tls-cert and --tls-key go together")
+    if a.tls_client_ca and not a.tls_cert:
+        p.error("--tls-client-ca needs --tls-cert and --tls-key")
+    token = os.environ.get("FOCALSERVE_AUTH_TOKEN", "")
+    if a.auth_token_file:
+        try:
+            with open(a.auth_token_file) as f:
+                token = f.read().strip()
+        except OSError as e:
+            p.error(f"--auth-token-file: {e.strerror}")
+        if not token:
+            p.error("--auth-token-file is empty")
     return Config(host=a.host, port=a.port, metrics_host=a.metrics_host, metrics_port=a.metrics_port,
                   backend=a.backend, workers=a.workers, max_message_mb=a.max_message_mb,
-                  max_elements=a.max_elements, allow_nonfinite=a.allow_nonfinite,
-                  grace_seconds=a.grace_seconds, log_format=a.log_format)
+                  max_elements=a.max_elements, gpu_min_elements=a.gpu_min_elements, allow_nonfinite=a.allow_nonfinite,
+                  grace_seconds=a.grace_seconds, log_format=a.log_format, max_concurrent_rpcs=a.max_concurrent_rpcs,
+                  max_connection_age_s=a.max_connection_age_s, reuse_port=a.reuse_port, tls_cert=a.tls_cert, tls_key=a.tls_key,
+                  tls_client_ca=a.tls_client_ca, auth_token=token)

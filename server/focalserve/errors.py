@@ -10,16 +10,18 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 class RequestError(Exception):
     """A request the service refuses. `violations` are (field, description) pairs naming the culprit."""
 
-    def __init__(self, code: grpc.StatusCode, violations: list[tuple[str, str]] | tuple[str, str]):
+    def __init__(self, code: grpc.StatusCode, violations: list[tuple[str, str]] | tuple[str, str],
+                 reason: str = ""):
         if isinstance(violations, tuple):
             violations = [violations]
         self.code = code
         self.violations = violations
+        self.reason = reason  # for metrics, e.g. "nonfinite"
         super().__init__("; ".join(f"{field}: {why}" for field, why in violations))
 
     @classmethod
-    def invalid(cls, field: str, why: str) -> "RequestError":
-        return cls(grpc.StatusCode.INVALID_ARGUMENT, (field, why))
+    def invalid(cls, field: str, why: str, reason: str = "") -> "RequestError":
+        return cls(grpc.StatusCode.INVALID_ARGUMENT, (field, why), reason)
 
     def to_status_proto(self) -> status_pb2.Status:
         """The status with `google.rpc.BadRequest` field violations attached as details."""

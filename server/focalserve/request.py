@@ -234,7 +234,7 @@ def raise_nonfinite_logits(block_start: int, block: np.ndarray) -> None:
     raise RequestError.invalid(
         "logit",
         f"contains NaN or infinite values (first at flat index {block_start + int(bad[0])}: {block[bad[0]]}); "
-        "the server rejects them unless started with --allow-nonfinite")
+        "the server rejects them unless started with --allow-nonfinite", reason="nonfinite")
 
 
 def raise_bad_dense_labels(block_start: int, block: np.ndarray) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 import uuid
 from concurrent.futures import Executor
 
@@ -19,7 +21,7 @@ from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 from focalserve_client.combine import normalized_loss
 from focalserve_client.tensor import encode
 
-from . import __version__
+from . import __version__, metrics
 from .backends import BackendSet
 from .errors import RequestError, internal_status
 from .request import LOGIT_DTYPES, Limits, parse
@@ -38,10 +40,28 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
 
     # ---- the work of one request, on a pool thread ----
 
-    def compute(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
-        """Raises RequestError for a request the service refuses."""
-        job = parse(request, self._limits)
-        result = self._backends.select(job).run(job)
+    def compute(self, request: pb.ComputeRequest, deadline: float | None = None) -> pb.ComputeResponse:
+        """Raises RequestError for a request the service refuses. `deadline`: time.monotonic() after
+        which the caller has given up, so the work is not started."""
+        if deadline is not None and time.monotonic() >= deadline:
+            metrics.REJECTED.labels("deadline").inc()
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, ("grpc-timeout", "the deadline passed before the work started"))
+        metrics.REQUEST_BYTES.observe(request.ByteSize())
+        with metrics.INFLIGHT.track_inprogress():
+            try:
+                job = parse(request, self._limits)
+                result = self._backends.run(job)
+            except RequestError as e:
+                if e.reason == "nonfinite":
+                    metrics.NONFINITE_INPUTS.inc()
+                raise
+        metrics.ELEMENTS.labels(result.backend, job.label_format).inc(result.elements)
+        metrics.COMPUTE_SECONDS.labels(result.backend).observe(result.compute_seconds)
+        if result.elements:
+            if math.isfinite(result.loss_sum):
+                metrics.ITEM_LOSS.observe(result.loss_sum / result.elements)
+            else:  # only with --allow-nonfinite
+                metrics.NONFINITE_INPUTS.inc()
         response = pb.ComputeResponse(
             request_id=request.request_id,
             loss=encode(result.loss),
@@ -53,10 +73,10 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
             response.grad.CopyFrom(encode(result.grad))
         return response
 
-    def _compute_item(self, request: pb.ComputeRequest) -> pb.ComputeResponse:
+    def _compute_item(self, request: pb.ComputeRequest, deadline: float | None) -> pb.ComputeResponse:
         """A stream item: failures become the item's `error`, never the stream's end."""
         try:
-            return self.compute(request)
+            return self.compute(request, deadline)
         except RequestError as e:
             return pb.ComputeResponse(request_id=request.request_id, error=e.to_status_proto())
         except Exception:
@@ -68,7 +88,7 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
     async def Compute(self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext) -> pb.ComputeResponse:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self.compute, request)
+            return await loop.run_in_executor(self._executor, self.compute, request, _deadline(context))
         except RequestError as e:
             await context.abort_with_status(rpc_status.to_status(e.to_status_proto()))
         except Exception:
@@ -76,13 +96,14 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
 
     async def ComputeStream(self, request_iterator, context: grpc.aio.ServicerContext):
         loop = asyncio.get_running_loop()
+        deadline = _deadline(context)
         # Bounded: a client that sends faster than the server computes is held back by flow control.
         in_flight: asyncio.Queue = asyncio.Queue(maxsize=self._stream_window)
 
         async def submit_all() -> None:
             try:
                 async for request in request_iterator:
-                    await in_flight.put(loop.run_in_executor(self._executor, self._compute_item, request))
+                    await in_flight.put(loop.run_in_executor(self._executor, self._compute_item, request, deadline))
             finally:
                 await in_flight.put(None)
 
@@ -97,7 +118,12 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
             summary.normalized_loss = normalized_loss(summary.loss_sum, summary.positives)
             yield pb.ComputeStreamResponse(summary=summary)
         finally:
+            # a cancelled or failed call: stop reading, and drop queued items not started yet
             reader.cancel()
+            while not in_flight.empty():
+                pending = in_flight.get_nowait()
+                if pending is not None:
+                    pending.cancel()
 
     async def GetServerInfo(self, request, context) -> pb.GetServerInfoResponse:
         return pb.GetServerInfoResponse(
@@ -109,6 +135,11 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
             max_message_bytes=self._max_message_bytes,
             max_elements=self._limits.max_elements,
         )
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def _add_to_summary(summary: pb.StreamSummary, response: pb.ComputeResponse) -> None:
