@@ -119,7 +119,7 @@ def parse(request: pb.ComputeRequest, limits: Limits = Limits()) -> Job:
                 "label.shape", f"{list(label.shape)} does not match logit.shape {list(logit.shape)}")
         num_classes = 0
         positives = None
-        normalizer = _dense_normalizer(request)
+        normalizer = _dense_normalizer(request, logit.dtype)
     else:
         if logit.ndim != 2:
             raise RequestError.invalid(
@@ -177,12 +177,16 @@ def _tensor(tensor: pb.Tensor, field: str, allowed: tuple[int, ...]) -> np.ndarr
         raise RequestError.invalid(e.field, e.reason) from None
 
 
-def _dense_normalizer(request: pb.ComputeRequest) -> float:
+def _dense_normalizer(request: pb.ComputeRequest, dtype: np.dtype) -> float:
     if not request.HasField("normalizer"):
         return 1.0
     value = request.normalizer
     if not (math.isfinite(value) and value > 0.0):
         raise RequestError.invalid("normalizer", f"must be finite and > 0 for the dense form, got {value!r}")
+    smallest = float(np.finfo(dtype).tiny)
+    if value < smallest:  # 1/normalizer would overflow the compute dtype: 0 · inf = NaN for zero losses
+        raise RequestError.invalid("normalizer", f"{value!r} is below the smallest normal {dtype.name} "
+                                                 f"({smallest:.3g}); scale the loss on the client instead")
     return value
 
 

@@ -68,7 +68,7 @@ __device__ __forceinline__ void focal_element(T x, T y, T alpha, T gamma, int ga
     const T omp_y = omp * y;
     const T p_omy = p * omy;
     const T q = omp_y + p_omy;                    // 1 - p_t
-    T weight = y * (T(2) * alpha - T(1)) + (T(1) - alpha);   // α_t
+    T weight = alpha * y + (T(1) - alpha) * omy;  // α_t, a sum of non-negatives (exact for small α)
     if (gamma != T(0)) weight *= focal_power(q, gamma, gamma_halves);
     *loss = weight * ce;
     if (!want_grad) return;

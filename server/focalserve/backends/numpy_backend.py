@@ -4,7 +4,7 @@ Per element, with x the logit, y the label (soft labels allowed), p = σ(x) (SPE
 
     CE      = softplus(-|x|) + y·relu(-x) + (1-y)·relu(x)          # y·softplus(-x) + (1-y)·softplus(x)
     q       = 1 - p_t = σ(-x)·y + σ(x)·(1-y)
-    α_t     = α·y + (1-α)·(1-y)
+    α_t     = α·y + (1-α)·(1-y)                                   # as written: y·(2α-1) + (1-α) cancels
     loss    = α_t · q^γ · CE
     dloss/dx = α_t · q^γ · [ (p - y) + γ·(1-2y)·r·CE ],   r = σ(x)·σ(-x) / q  (0 where q = 0)
 
@@ -94,8 +94,8 @@ def focal_block(x: np.ndarray, y: np.ndarray, alpha: float, gamma: float, want_g
     omp_y = np.multiply(omp, y, out=b[0])
     p_omy = np.multiply(p, omy, out=b[2])
     q = np.add(omp_y, p_omy, out=b[6])                 # 1 - p_t
-    weight = np.multiply(y, 2.0 * alpha - 1.0, out=b[7])
-    weight += 1.0 - alpha                              # α_t
+    weight = np.multiply(y, alpha, out=b[7])
+    weight += np.multiply(omy, 1.0 - alpha, out=b[9])  # α_t = α·y + (1-α)·(1-y): no cancellation for small α
     if gamma != 0.0:
         weight *= _power(q, gamma, out=b[8])           # α_t · q^γ
     loss = np.multiply(weight, ce, out=b[8])
