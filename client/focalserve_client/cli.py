@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+import grpc
 import numpy as np
 
 from .client import ComputeResult, FocalLossClient, FocalLossError, StreamSummary
@@ -64,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="deadline of each call in seconds (default 300)")
     p.add_argument("--max-message-mb", type=int, default=256,
                    help="client-side message limit in MiB; larger batches are split (default 256)")
+    p.add_argument("--tls-ca", help="PEM CA bundle: connect with TLS, verifying the server against it")
+    p.add_argument("--tls-cert", help="PEM client certificate (mutual TLS), with --tls-key")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--token-file", help="file holding the bearer token (or set FOCALSERVE_TOKEN)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def loss_options(q: argparse.ArgumentParser) -> None:
@@ -109,7 +114,20 @@ def _result_dict(result: ComputeResult) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    client = FocalLossClient(args.target, timeout=args.timeout, max_message_bytes=args.max_message_mb << 20)
+    credentials = None
+    if args.tls_ca or args.tls_cert:
+        def read(path):
+            with open(path, "rb") as f:
+                return f.read()
+        credentials = grpc.ssl_channel_credentials(
+            read(args.tls_ca) if args.tls_ca else None, read(args.tls_key) if args.tls_key else None,
+            read(args.tls_cert) if args.tls_cert else None)
+    token = os.environ.get("FOCALSERVE_TOKEN")
+    if args.token_file:
+        with open(args.token_file) as f:
+            token = f.read().strip()
+    client = FocalLossClient(args.target, timeout=args.timeout, max_message_bytes=args.max_message_mb << 20,
+                             credentials=credentials, token=token)
     try:
         if args.command == "info":
             info = client.server_info()

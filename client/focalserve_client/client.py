@@ -157,12 +157,16 @@ class FocalLossClient:
 
     max_message_bytes: the client's own limit; the effective one is the smaller of it and the server's
     (GetServerInfo), and larger batches are split. timeout: default deadline of every call, in seconds.
+    credentials: TLS, e.g. grpc.ssl_channel_credentials(ca, key, cert) (with a client certificate for
+    mutual TLS). token: sent as `authorization: Bearer <token>` with every call.
     """
 
     def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_attempts: int = 5,
-                 credentials: grpc.ChannelCredentials | None = None, options: Iterable[tuple] = ()):
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
+                 options: Iterable[tuple] = ()):
         self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.max_message_bytes = max_message_bytes
         channel_options = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -191,7 +195,8 @@ class FocalLossClient:
 
     def server_info(self, timeout: float | None = None) -> pb.GetServerInfoResponse:
         try:
-            return self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout or self.timeout)
+            return self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout or self.timeout,
+                                            metadata=self._metadata)
         except grpc.RpcError as e:
             raise FocalLossError.from_rpc_error(e) from None
 
@@ -219,7 +224,7 @@ class FocalLossClient:
         if _request_bytes(logit, label, grad_output, reduction, compute_grad) <= self.message_limit():
             request = build_request(logit, label, request_id=request_id, **kwargs)
             try:
-                response = self._stub.Compute(request, timeout=timeout or self.timeout)
+                response = self._stub.Compute(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as e:
                 raise FocalLossError.from_rpc_error(e, request_id) from None
             result = parse_response(response)
@@ -243,7 +248,7 @@ class FocalLossClient:
                 kwargs.pop("progress", None)
                 yield build_request(**kwargs)
 
-        call = self._stub.ComputeStream(requests(), timeout=timeout or self.timeout)
+        call = self._stub.ComputeStream(requests(), timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             for message in call:
                 if message.HasField("summary"):
@@ -315,7 +320,7 @@ class FocalLossClient:
         grad_out = np.empty((rows, width), out_dtype) if compute_grad else None
         sums, stats, backends = [], ItemStats(), set()
         timeout = timeout or self.timeout * max(1, len(starts))
-        call = self._stub.ComputeStream(chunk_requests(), timeout=timeout)
+        call = self._stub.ComputeStream(chunk_requests(), timeout=timeout, metadata=self._metadata)
         chunk_starts = iter(starts)
         try:
             for message in call:  # read to the end: leaving after the summary would cancel a finished call

@@ -80,11 +80,14 @@ def _calibration_job(size: int):
     return parse(build_request(logit, label, reduction="sum", compute_grad=True))
 
 
-def warm_up(servicer: FocalLossServicer) -> None:
-    """One tiny batch through the whole path (parse, backend, encode) before the health check says SERVING."""
-    logit = np.array([[0.5, -1.0]], np.float32)
-    servicer.compute(pb.ComputeRequest(logit=encode(logit), label=encode(np.array([[1.0, 0.0]], np.float32)),
-                                       compute_grad=True))
+def warm_up(backends: BackendSet) -> None:
+    """One tiny batch through parse, every backend and encode before the health check says SERVING
+    (not counted in the metrics: it is not traffic)."""
+    request = build_request(np.array([[0.5, -1.0]], np.float32), np.array([[1.0, 0.0]], np.float32),
+                            compute_grad=True)
+    for backend in filter(None, (backends.cpu, backends.gpu)):
+        result = backend.run(parse(request))
+        encode(result.loss), encode(result.grad)
 
 
 def _read(path: str) -> bytes:
@@ -145,7 +148,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
         raise SystemExit(f"focalserve: cannot bind {address}")
     start_metrics(config, backends)
     await server.start()
-    await asyncio.get_running_loop().run_in_executor(executor, warm_up, servicer)
+    await asyncio.get_running_loop().run_in_executor(executor, warm_up, backends)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("focalserve %s serving: backend=%s devices=%s grpc=%s:%d (%s) metrics=%s workers=%d "
