@@ -21,6 +21,10 @@ from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[1]
+# FOCALSERVE_TEST_BACKEND=gpu runs every server of the suite with --backend gpu (on a machine with a GPU).
+TEST_BACKEND = os.environ.get("FOCALSERVE_TEST_BACKEND", "cpu")
+EXPECTED_BACKEND = "cupy" if TEST_BACKEND == "gpu" else "numpy"
+BACKENDS = ["numpy", "cupy"] if TEST_BACKEND == "gpu" else ["numpy"]
 GOLDEN_DIR = Path(os.environ.get("FOCALSERVE_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
 
 
@@ -76,7 +80,7 @@ def start_server(tmp_path: Path, *args: str, env: dict | None = None) -> ServerP
     port = free_port()
     log_path = tmp_path / f"server-{port}.log"
     cmd = [sys.executable, "-m", "focalserve", "--host", "127.0.0.1", "--port", str(port),
-           "--metrics-port", "-1", *args]
+           "--metrics-port", "-1", "--backend", TEST_BACKEND, *args]
     with open(log_path, "w") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     server = ServerProcess(process, port, log_path)

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import load_golden, golden_cases, start_server
+from conftest import BACKENDS, golden_cases, load_golden, start_server
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 from focalserve_client import FocalLossClient, FocalLossError
@@ -184,4 +184,4 @@ def test_cli_reports_a_refused_request(server, tmp_path):
 
 def test_cli_info(server):
     info = json.loads(_cli(server, "info").stdout)
-    assert info["backends"] == ["numpy"] and info["max_message_bytes"] == 256 << 20
+    assert info["backends"] == BACKENDS and info["max_message_bytes"] == 256 << 20

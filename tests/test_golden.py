@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import (GOLDEN_FORMATS, GOLDEN_REDUCTIONS, assert_golden_close, golden_cases, load_golden)
+from conftest import (EXPECTED_BACKEND, GOLDEN_FORMATS, GOLDEN_REDUCTIONS, assert_golden_close, golden_cases,
+                      load_golden)
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalserve_client import FocalLossClient
 from focalserve_client.client import MESSAGE_OVERHEAD
@@ -33,7 +34,7 @@ def test_golden_case_over_compute(stub, case):
         request.normalizer = case["normalizer"]
     response = stub.Compute(request, timeout=30)
     assert response.request_id == case["name"]
-    assert response.backend == "numpy"
+    assert response.backend == EXPECTED_BACKEND
     assert_golden_close(decode(response.loss, "loss", FLOATS), data["loss"], f"{case['name']} loss")
     assert_golden_close(decode(response.grad, "grad", FLOATS), data["grad"], f"{case['name']} grad")
     assert response.stats.elements == data["logit"].size

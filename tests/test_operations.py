@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import free_port, start_server
+from conftest import EXPECTED_BACKEND, free_port, start_server
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 from focalserve_client.client import build_request
@@ -106,10 +106,10 @@ def test_metrics_endpoint_has_every_spec_metric(metered, known_traffic):
     assert _sample(samples, "grpc_server_handled_total", grpc_code="OK", **stream) == 1
     assert _sample(samples, "grpc_server_msg_received_total", **stream) == 3
     assert _sample(samples, "grpc_server_msg_sent_total", **stream) == 4  # 3 results + the summary
-    assert _sample(samples, "focalloss_elements_total", backend="numpy", label_format="dense") == \
+    assert _sample(samples, "focalloss_elements_total", backend=EXPECTED_BACKEND, label_format="dense") == \
         known_traffic["elements"]
     assert _sample(samples, "focalloss_item_loss_count") == 5
-    assert _sample(samples, "focalloss_build_info", backend="numpy") == 1
+    assert _sample(samples, "focalloss_build_info", backend=EXPECTED_BACKEND) == 1
     # latency buckets span 100 µs .. 60 s
     assert 'grpc_server_handling_seconds_bucket{grpc_method="Compute",grpc_service="focalloss.v1.FocalLossService",' \
            'grpc_type="unary",le="0.0001"}' in samples

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from conftest import EXPECTED_BACKEND
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalserve_client.tensor import decode, encode, float32_to_bfloat16
 
@@ -164,7 +165,7 @@ def check_response(resp, *, x, y, alpha, gamma, normalizer, reduction, grad_outp
     tiny = TINY[cdtype] * max(1.0, 1.0 / normalizer) * (1.0 if grad_output is None
                                                        else max(1.0, float(np.max(np.abs(grad_output)))))
     wire = pb.DTYPE_FLOAT64 if cdtype is np.float64 else pb.DTYPE_FLOAT32
-    assert resp.backend == "numpy"
+    assert resp.backend == EXPECTED_BACKEND
     assert resp.loss.dtype == wire and resp.grad.dtype == wire
     loss = decode(resp.loss, "loss", FLOAT_OUT)
     grad = decode(resp.grad, "grad", FLOAT_OUT)

@@ -6,6 +6,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from conftest import BACKENDS, EXPECTED_BACKEND
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalserve import __version__
 
@@ -13,8 +14,8 @@ from focalserve import __version__
 def test_server_info(stub):
     info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
     assert info.version == __version__
-    assert list(info.backends) == ["numpy"]
-    assert info.default_backend == "numpy"
+    assert list(info.backends) == BACKENDS
+    assert info.default_backend == EXPECTED_BACKEND
     assert len(info.devices) == 1 and info.devices[0].startswith("cpu (")
     assert list(info.logit_dtypes) == [pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16]
     assert info.max_message_bytes == 256 * 1024 * 1024
