@@ -64,6 +64,24 @@ class CupyBackend:
         except cp.cuda.memory.OutOfMemoryError as e:
             raise BackendOutOfMemory(str(e)) from e
 
+    def launch(self, plan: cuda_kernel.KernelPlan, logit: cp.ndarray, label: cp.ndarray,
+               grad_output: cp.ndarray | None = None, loss: cp.ndarray | None = None,
+               grad: cp.ndarray | None = None) -> tuple[cp.ndarray, cp.ndarray]:
+        """One kernel launch on the current stream over device arrays; returns (block_sums, flags), on the device."""
+        grid = plan.grid(self._max_blocks)
+        block_sums = cp.empty(2 * grid, np.float64)
+        flags = cp.zeros(1, np.int32)
+        dummy = self._dummy[plan.dtype.type]
+        if plan.class_index:
+            leading = (logit, label, np.int64(plan.rows), np.int32(plan.classes))
+        else:
+            leading = (logit, label, np.int64(plan.elements))
+        self._kernels[plan.kernel](
+            (grid,), (cuda_kernel.BLOCK,),
+            (*leading, *plan.scalars, dummy if grad_output is None else grad_output,
+             dummy if loss is None else loss, dummy if grad is None else grad, block_sums, flags))
+        return block_sums, flags
+
     def _run(self, job: Job) -> Result:
         started = time.perf_counter()
         plan = cuda_kernel.plan(job, check_finite=not self.allow_nonfinite)
@@ -73,22 +91,11 @@ class CupyBackend:
         with self._device, stream:
             logit = _to_device(job.logit.reshape(-1), staged)
             label = _to_device(plan.label, staged)
-            dummy = self._dummy[dtype.type]
             grad_output = (_to_device(np.ascontiguousarray(job.grad_output.reshape(-1), dtype), staged)
-                           if plan.mode & cuda_kernel.GRAD_OUTPUT else dummy)
+                           if plan.mode & cuda_kernel.GRAD_OUTPUT else None)
             loss = cp.empty(job.elements, dtype) if plan.mode & cuda_kernel.WRITE_LOSS else None
             grad = cp.empty(job.elements, dtype) if plan.mode & cuda_kernel.WRITE_GRAD else None
-            grid = plan.grid(self._max_blocks)
-            block_sums = cp.empty(2 * grid, np.float64)
-            flags = cp.zeros(1, np.int32)
-            if plan.class_index:
-                leading = (logit, label, np.int64(plan.rows), np.int32(plan.classes))
-            else:
-                leading = (logit, label, np.int64(plan.elements))
-            self._kernels[plan.kernel](
-                (grid,), (cuda_kernel.BLOCK,),
-                (*leading, *plan.scalars, grad_output, loss if loss is not None else dummy,
-                 grad if grad is not None else dummy, block_sums, flags))
+            block_sums, flags = self.launch(plan, logit, label, grad_output, loss, grad)
             host_sums = _to_host(block_sums)
             host_flags = _to_host(flags)
             host_loss = _to_host(loss) if loss is not None else None
