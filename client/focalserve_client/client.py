@@ -40,8 +40,9 @@ _FLOAT_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64)
 
 
 def service_config(max_attempts: int = 5) -> str:
-    """Retry UNAVAILABLE (server restarting, connection refused, draining) with exponential backoff."""
-    return json.dumps({"methodConfig": [{
+    """Retry UNAVAILABLE (server restarting, connection refused, draining) with exponential backoff; and, with
+    a balancing policy such as round_robin, skip replicas whose health service says NOT_SERVING (draining)."""
+    return json.dumps({"healthCheckConfig": {"serviceName": SERVICE}, "methodConfig": [{
         "name": [{"service": SERVICE}],
         "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "2s",
                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},

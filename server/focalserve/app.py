@@ -168,9 +168,13 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     await stopping.wait()
 
     started = time.monotonic()
-    log.info("drain: health NOT_SERVING, refusing new calls, up to %.1fs for calls in flight", config.grace_seconds,
-             extra={"fields": {"event": "drain_start", "grace_seconds": config.grace_seconds}})
+    log.info("drain: health NOT_SERVING, refusing new calls after %.1fs, up to %.1fs for calls in flight",
+             config.drain_delay_s, config.grace_seconds,
+             extra={"fields": {"event": "drain_start", "drain_delay_s": config.drain_delay_s,
+                               "grace_seconds": config.grace_seconds}})
     await health_servicer.enter_graceful_shutdown()
+    if config.drain_delay_s > 0:
+        await asyncio.sleep(config.drain_delay_s)  # still serving: balancers see NOT_SERVING and move away
     await server.stop(config.grace_seconds)
     log.info("drain: calls finished after %.2fs", time.monotonic() - started,
              extra={"fields": {"event": "drain_calls_done", "seconds": round(time.monotonic() - started, 3)}})

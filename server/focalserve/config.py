@@ -20,6 +20,7 @@ class Config:
     gpu_min_elements: int
     allow_nonfinite: bool
     grace_seconds: float
+    drain_delay_s: float
     log_format: str
     max_concurrent_rpcs: int
     max_connection_age_s: float
@@ -68,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="compute NaN/inf logits instead of rejecting them with INVALID_ARGUMENT")
     p.add_argument("--grace-seconds", type=float, default=_env("GRACE_SECONDS", 30.0),
                    help="on SIGTERM/SIGINT, how long in-flight calls may finish (default 30)")
+    p.add_argument("--drain-delay-s", type=float, default=_env("DRAIN_DELAY_S", 0.0),
+                   help="on SIGTERM, keep serving this long while health says NOT_SERVING, so that load balancers "
+                        "and health-checking clients move away before new calls are refused (default 0)")
     p.add_argument("--log-format", choices=("text", "json"), default=_env("LOG_FORMAT", "text"))
     p.add_argument("--max-concurrent-rpcs", type=int, default=_env("MAX_CONCURRENT_RPCS", 64),
                    help="FocalLossService calls at once; more get RESOURCE_EXHAUSTED (default 64; 0: no limit)")
@@ -104,6 +108,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return Config(host=a.host, port=a.port, metrics_host=a.metrics_host, metrics_port=a.metrics_port,
                   backend=a.backend, workers=a.workers, max_message_mb=a.max_message_mb,
                   max_elements=a.max_elements, gpu_min_elements=a.gpu_min_elements, allow_nonfinite=a.allow_nonfinite,
-                  grace_seconds=a.grace_seconds, log_format=a.log_format, max_concurrent_rpcs=a.max_concurrent_rpcs,
+                  grace_seconds=a.grace_seconds, drain_delay_s=a.drain_delay_s, log_format=a.log_format, max_concurrent_rpcs=a.max_concurrent_rpcs,
                   max_connection_age_s=a.max_connection_age_s, reuse_port=a.reuse_port, tls_cert=a.tls_cert, tls_key=a.tls_key,
                   tls_client_ca=a.tls_client_ca, auth_token=token)
