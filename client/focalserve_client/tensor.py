@@ -65,7 +65,11 @@ def decode(tensor: pb.Tensor, field: str, allowed: tuple[int, ...]) -> np.ndarra
         if dim < 0:
             raise TensorError(f"{field}.shape", f"dimension {axis} is negative ({dim})")
     size = math.prod(shape)
-    nbytes = size * NUMPY_DTYPES[tensor.dtype].itemsize
+    itemsize = NUMPY_DTYPES[tensor.dtype].itemsize
+    if math.prod(d for d in shape if d) * itemsize > np.iinfo(np.intp).max:
+        # NumPy refuses such a shape even with a zero dimension in it
+        raise TensorError(f"{field}.shape", f"{list(shape)} is larger than any array can be")
+    nbytes = size * itemsize
     data = tensor.data  # upb copies a bytes field on every read: read it exactly once
     if len(data) != nbytes:
         raise TensorError(
@@ -103,3 +107,37 @@ def encode(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
     if array.dtype != wire:
         array = array.astype(wire)
     return pb.Tensor(dtype=dtype, shape=array.shape, data=np.ascontiguousarray(array).tobytes())
+
+
+# ---- writing a Tensor field straight into a message's wire bytes (one copy of the payload) ----
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def length_delimited(field_number: int, length: int) -> bytes:
+    """The key and length that start a length-delimited field (wire type 2) of `length` bytes."""
+    return _varint(field_number << 3 | 2) + _varint(length)
+
+
+def tensor_field(field_number: int, array: np.ndarray) -> list:
+    """`array` as field `field_number` (a Tensor) of an enclosing message, in protobuf wire format.
+
+    Returns pieces for b"".join(): the array's own memory is the last piece, so joining copies the
+    payload exactly once, where building a Tensor message and serializing it would copy it three times.
+    """
+    if not array.flags.c_contiguous:
+        array = array.copy()  # (np.ascontiguousarray would turn a 0-d loss into shape [1])
+    dtype = _WIRE_DTYPES[array.dtype.newbyteorder("=")]
+    header = pb.Tensor(dtype=dtype, shape=array.shape).SerializeToString()
+    data_key = length_delimited(3, array.nbytes)
+    body_length = len(header) + len(data_key) + array.nbytes
+    return [length_delimited(field_number, body_length), header, data_key, memoryview(array.reshape(-1)).cast("B")]

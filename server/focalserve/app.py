@@ -17,7 +17,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from focalloss.v1 import focal_loss_pb2 as pb
-from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 from focalserve_client.client import build_request
 from focalserve_client.tensor import encode
 
@@ -26,7 +25,7 @@ from .backends import BackendSet, NumpyBackend, measure_crossover
 from .config import Config, parse_args
 from .interceptors import AuthInterceptor, ConcurrencyLimitInterceptor, MetricsInterceptor
 from .request import Limits, parse
-from .service import FocalLossServicer
+from .service import FocalLossServicer, add_to_server
 
 log = logging.getLogger("focalserve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FocalLossService"].full_name
@@ -133,7 +132,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     server = grpc.aio.server(interceptors=interceptors, options=options)
     servicer = FocalLossServicer(backends, executor, Limits(max_elements=config.max_elements), max_bytes,
                                  stream_window=2 * config.workers)
-    pb_grpc.add_FocalLossServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

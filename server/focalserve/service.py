@@ -12,6 +12,7 @@ import math
 import time
 import uuid
 from concurrent.futures import Executor
+from typing import NamedTuple
 
 import grpc
 from grpc_status import rpc_status
@@ -19,7 +20,7 @@ from grpc_status import rpc_status
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 from focalserve_client.combine import normalized_loss
-from focalserve_client.tensor import encode
+from focalserve_client.tensor import length_delimited, tensor_field
 
 from . import __version__, metrics
 from .backends import BackendSet
@@ -40,9 +41,9 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
 
     # ---- the work of one request, on a pool thread ----
 
-    def compute(self, request: pb.ComputeRequest, deadline: float | None = None) -> pb.ComputeResponse:
-        """Raises RequestError for a request the service refuses. `deadline`: time.monotonic() after
-        which the caller has given up, so the work is not started."""
+    def compute(self, request: pb.ComputeRequest, deadline: float | None = None) -> "Answer":
+        """The serialized ComputeResponse and its stats. Raises RequestError for a request the service
+        refuses. `deadline`: time.monotonic() after which the caller has given up: the work is not started."""
         if deadline is not None and time.monotonic() >= deadline:
             metrics.REJECTED.labels("deadline").inc()
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, ("grpc-timeout", "the deadline passed before the work started"))
@@ -62,33 +63,32 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
                 metrics.ITEM_LOSS.observe(result.loss_sum / result.elements)
             else:  # only with --allow-nonfinite
                 metrics.NONFINITE_INPUTS.inc()
-        response = pb.ComputeResponse(
-            request_id=request.request_id,
-            loss=encode(result.loss),
-            backend=result.backend,
-            stats=pb.ItemStats(elements=result.elements, positives=result.positives,
-                               loss_sum=result.loss_sum, compute_seconds=result.compute_seconds),
-        )
+        stats = pb.ItemStats(elements=result.elements, positives=result.positives, loss_sum=result.loss_sum,
+                             compute_seconds=result.compute_seconds)
+        # The small fields through protobuf, the tensors appended as raw wire bytes: one copy of each.
+        head = pb.ComputeResponse(request_id=request.request_id, backend=result.backend, stats=stats)
+        pieces = [head.SerializeToString(), *tensor_field(2, result.loss)]
         if result.grad is not None:
-            response.grad.CopyFrom(encode(result.grad))
-        return response
+            pieces += tensor_field(3, result.grad)
+        return Answer(b"".join(pieces), stats)
 
-    def _compute_item(self, request: pb.ComputeRequest, deadline: float | None) -> pb.ComputeResponse:
+    def _compute_item(self, request: pb.ComputeRequest, deadline: float | None) -> "Answer":
         """A stream item: failures become the item's `error`, never the stream's end."""
         try:
             return self.compute(request, deadline)
         except RequestError as e:
-            return pb.ComputeResponse(request_id=request.request_id, error=e.to_status_proto())
+            error = e.to_status_proto()
         except Exception:
-            return pb.ComputeResponse(request_id=request.request_id,
-                                      error=internal_status(_log_internal(request.request_id)))
+            error = internal_status(_log_internal(request.request_id))
+        return Answer(pb.ComputeResponse(request_id=request.request_id, error=error).SerializeToString(), None)
 
     # ---- RPCs ----
 
-    async def Compute(self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext) -> pb.ComputeResponse:
+    async def Compute(self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext) -> bytes:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self.compute, request, _deadline(context))
+            answer = await loop.run_in_executor(self._executor, self.compute, request, _deadline(context))
+            return answer.response
         except RequestError as e:
             await context.abort_with_status(rpc_status.to_status(e.to_status_proto()))
         except Exception:
@@ -111,9 +111,10 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
         summary = pb.StreamSummary()
         try:
             while (pending := await in_flight.get()) is not None:
-                response = await pending
-                _add_to_summary(summary, response)
-                yield pb.ComputeStreamResponse(result=response)
+                answer = await pending
+                _add_to_summary(summary, answer.stats)
+                # ComputeStreamResponse{result: <the ComputeResponse bytes>}, without parsing them again
+                yield length_delimited(1, len(answer.response)) + answer.response
             await reader  # a broken request stream ends the call with its error
             summary.normalized_loss = normalized_loss(summary.loss_sum, summary.positives)
             yield pb.ComputeStreamResponse(summary=summary)
@@ -142,14 +143,41 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _add_to_summary(summary: pb.StreamSummary, response: pb.ComputeResponse) -> None:
+class Answer(NamedTuple):
+    """A serialized ComputeResponse, and its stats (None for a failed stream item)."""
+
+    response: bytes
+    stats: pb.ItemStats | None
+
+
+def serialize(message) -> bytes:
+    """Response serializer: bytes pass through (already serialized by Answer), messages are serialized."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_to_server(servicer: "FocalLossServicer", server) -> None:
+    """Like the generated add_FocalLossServiceServicer_to_server, with the pass-through response serializer."""
+    handlers = {
+        "Compute": grpc.unary_unary_rpc_method_handler(
+            servicer.Compute, request_deserializer=pb.ComputeRequest.FromString, response_serializer=serialize),
+        "ComputeStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ComputeStream, request_deserializer=pb.ComputeRequest.FromString, response_serializer=serialize),
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetServerInfo, request_deserializer=pb.GetServerInfoRequest.FromString,
+            response_serializer=serialize),
+    }
+    service = pb.DESCRIPTOR.services_by_name["FocalLossService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+
+
+def _add_to_summary(summary: pb.StreamSummary, stats: pb.ItemStats | None) -> None:
     summary.items += 1
-    if response.HasField("error"):
+    if stats is None:
         summary.failed_items += 1
         return
-    summary.elements += response.stats.elements
-    summary.positives += response.stats.positives
-    summary.loss_sum += response.stats.loss_sum
+    summary.elements += stats.elements
+    summary.positives += stats.positives
+    summary.loss_sum += stats.loss_sum
 
 
 def _log_internal(request_id: str) -> str:
