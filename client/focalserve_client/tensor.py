@@ -66,9 +66,6 @@ def decode(tensor: pb.Tensor, field: str, allowed: tuple[int, ...]) -> np.ndarra
             raise TensorError(f"{field}.shape", f"dimension {axis} is negative ({dim})")
     size = math.prod(shape)
     itemsize = NUMPY_DTYPES[tensor.dtype].itemsize
-    if math.prod(d for d in shape if d) * itemsize > np.iinfo(np.intp).max:
-        # NumPy refuses such a shape even with a zero dimension in it
-        raise TensorError(f"{field}.shape", f"{list(shape)} is larger than any array can be")
     nbytes = size * itemsize
     data = tensor.data  # upb copies a bytes field on every read: read it exactly once
     if len(data) != nbytes:
@@ -76,6 +73,9 @@ def decode(tensor: pb.Tensor, field: str, allowed: tuple[int, ...]) -> np.ndarra
             f"{field}.data",
             f"has {len(data)} bytes but shape {list(shape)} of {pb.DType.Name(tensor.dtype)} needs {nbytes}",
         )
+    if math.prod(d for d in shape if d) * itemsize > np.iinfo(np.intp).max:
+        # empty, but NumPy refuses such a shape even with a zero dimension in it
+        raise TensorError(f"{field}.shape", f"{list(shape)} is larger than any array can be")
     array = np.frombuffer(data, dtype=NUMPY_DTYPES[tensor.dtype], count=size)
     if tensor.dtype == pb.DTYPE_BFLOAT16:
         array = bfloat16_to_float32(array)
