@@ -15,7 +15,9 @@ PYTEST_ARGS ?=
 export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 
-.PHONY: serve test setup stubs clean
+BENCH_VENV := .venv-bench
+
+.PHONY: serve test setup stubs clean bench bench-cpu bench-service
 
 serve: setup
 	$(PY) -m focalserve $(ARGS)
@@ -47,5 +49,20 @@ $(STUBS): $(PROTO) $(DEPS)
 	  --python_out=client --grpc_python_out=client --mypy_out=client --mypy_grpc_out=client $(PROTO)
 	touch client/focalloss/__init__.py client/focalloss/v1/__init__.py
 
+# Benchmarks (BENCHMARKS.md): the CPU kernel against PyTorch and PaddlePaddle needs both, in a venv of their own.
+bench: bench-cpu bench-service
+
+bench-cpu: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python benchmarks/cpu_kernel.py $(BENCH_ARGS)
+
+bench-service: setup
+	$(PY) benchmarks/service.py $(BENCH_ARGS)
+
+$(BENCH_VENV)/.installed: requirements.lock requirements-bench.txt $(STUBS)
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.lock -r requirements-bench.txt
+	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e client -e server
+	touch $@
+
 clean:
-	rm -rf $(VENV) client/focalloss build *.egg-info client/*.egg-info server/*.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) client/focalloss build *.egg-info client/*.egg-info server/*.egg-info

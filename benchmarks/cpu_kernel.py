@@ -19,13 +19,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from report import cpu_model, emit, parse_size
 
 ALPHA, GAMMA = 0.25, 2.0
 BLOCK = 32 * 1024
@@ -147,19 +148,6 @@ def framework_seconds(framework: str, threads: int, sizes: list[int], repeats: i
     return {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
 
-def parse_size(text: str) -> int:
-    return int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1].upper()] if text[-1].isalpha() else int(text)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main() -> int:
@@ -211,11 +199,7 @@ def main() -> int:
     ratio("exp+log1p floor / 1 thread (target <= 6)", ours1, rate["exp+log1p floor"], invert=True)
     ratio("2 threads / 1 thread (target >= 1.7)", ours2, ours1)
     ratio("1 thread / copy floor", ours1, rate["copy floor"])
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        with open(args.write, "a") as f:
-            f.write("\n" + table + "\n")
+    emit(lines, args.write)
     return 0
 
 

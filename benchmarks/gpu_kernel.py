@@ -28,13 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
 from focalserve.backends import cuda_kernel  # noqa: E402
 from focalserve.backends.cupy_backend import CupyBackend  # noqa: E402
 from focalserve.request import Job  # noqa: E402
+from report import emit, parse_size  # noqa: E402
 
 ALPHA, GAMMA = 0.25, 2.0
 
-
-def parse_size(text: str) -> int:
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(text[:-1]) * scale[text[-1].upper()] if text[-1].upper() in scale else int(text)
 
 
 def median_ms(result) -> float:
@@ -127,11 +124,7 @@ def main() -> int:
             torch_text = f"{torch_ms:.3f}" if torch_ms and reduction == "sum" else "-"
             lines.append(f"| {n:,} | {reduction.upper()} + grad | {ms:.3f} | {bandwidth:,.0f} | {copy_bandwidth:,.0f} | "
                          f"{bandwidth / copy_bandwidth:.0%} | {torch_text} | {speedup} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        with open(args.write, "a") as f:
-            f.write("\n" + table + "\n")
+    emit(lines, args.write)
     return 0
 
 

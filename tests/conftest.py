@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
+from focalserve_client.tensor import encode
 
 REPO = Path(__file__).resolve().parents[1]
 # FOCALSERVE_TEST_BACKEND=gpu runs every server of the suite with --backend gpu (on a machine with a GPU).
@@ -139,3 +140,14 @@ def assert_golden_close(got: np.ndarray, expected: np.ndarray, what: str) -> Non
 
 GOLDEN_REDUCTIONS = {"none": pb.REDUCTION_NONE, "mean": pb.REDUCTION_MEAN, "sum": pb.REDUCTION_SUM}
 GOLDEN_FORMATS = {"dense": pb.LABEL_FORMAT_DENSE, "class_index": pb.LABEL_FORMAT_CLASS_INDEX}
+
+
+def golden_request(case: dict, data: dict[str, np.ndarray]) -> pb.ComputeRequest:
+    """The ComputeRequest of a golden case, with compute_grad (the golden files hold loss and grad)."""
+    request = pb.ComputeRequest(
+        request_id=case["name"], logit=encode(data["logit"]), label=encode(data["label"]),
+        label_format=GOLDEN_FORMATS[case["label_format"]], alpha=case["alpha"], gamma=case["gamma"],
+        reduction=GOLDEN_REDUCTIONS[case["reduction"]], compute_grad=True)
+    if case["normalizer"] is not None:
+        request.normalizer = case["normalizer"]
+    return request

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import GOLDEN_FORMATS, GOLDEN_REDUCTIONS, assert_golden_close, golden_cases, load_golden
+from conftest import assert_golden_close, golden_cases, golden_request, load_golden
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalserve import request as rq
 from focalserve.backends import NumpyBackend
@@ -122,11 +122,7 @@ CASES = golden_cases()
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_kernel_on_cpu_matches_golden_and_numpy(kernels, case):
     data = load_golden(case)
-    request = pb.ComputeRequest(
-        logit=encode(data["logit"]), label=encode(data["label"]), label_format=GOLDEN_FORMATS[case["label_format"]],
-        alpha=case["alpha"], gamma=case["gamma"], reduction=GOLDEN_REDUCTIONS[case["reduction"]], compute_grad=True)
-    if case["normalizer"] is not None:
-        request.normalizer = case["normalizer"]
+    request = golden_request(case, data)
     job = rq.parse(request)
     loss, grad, loss_sum, positives = run_on_cpu(kernels, job)
     assert_golden_close(loss, data["loss"], "kernel loss")

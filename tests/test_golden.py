@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import (EXPECTED_BACKEND, GOLDEN_FORMATS, GOLDEN_REDUCTIONS, assert_golden_close, golden_cases,
-                      load_golden)
+from conftest import EXPECTED_BACKEND, assert_golden_close, golden_cases, golden_request, load_golden
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalserve_client import FocalLossClient
 from focalserve_client.client import MESSAGE_OVERHEAD
-from focalserve_client.tensor import decode, encode
+from focalserve_client.tensor import decode
 
 CASES = golden_cases()
 FLOATS = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64)
@@ -26,12 +25,7 @@ def test_golden_cases_are_present():
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_golden_case_over_compute(stub, case):
     data = load_golden(case)
-    request = pb.ComputeRequest(
-        request_id=case["name"], logit=encode(data["logit"]), label=encode(data["label"]),
-        label_format=GOLDEN_FORMATS[case["label_format"]], alpha=case["alpha"], gamma=case["gamma"],
-        reduction=GOLDEN_REDUCTIONS[case["reduction"]], compute_grad=True)
-    if case["normalizer"] is not None:
-        request.normalizer = case["normalizer"]
+    request = golden_request(case, data)
     response = stub.Compute(request, timeout=30)
     assert response.request_id == case["name"]
     assert response.backend == EXPECTED_BACKEND

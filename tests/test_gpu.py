@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import GOLDEN_FORMATS, GOLDEN_REDUCTIONS, assert_golden_close, golden_cases, load_golden, start_server
+from conftest import assert_golden_close, golden_cases, golden_request, load_golden, start_server
 
 
 def _gpu_usable() -> tuple[bool, str]:
@@ -45,11 +45,7 @@ CASES = golden_cases()
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_gpu_golden(gpu, case):
     data = load_golden(case)
-    request = pb.ComputeRequest(
-        logit=encode(data["logit"]), label=encode(data["label"]), label_format=GOLDEN_FORMATS[case["label_format"]],
-        alpha=case["alpha"], gamma=case["gamma"], reduction=GOLDEN_REDUCTIONS[case["reduction"]], compute_grad=True)
-    if case["normalizer"] is not None:
-        request.normalizer = case["normalizer"]
+    request = golden_request(case, data)
     result = gpu.run(rq.parse(request))
     assert result.backend == "cupy"
     assert_golden_close(result.loss, data["loss"], "loss")

@@ -1,0 +1,31 @@
+"""What every benchmark script shares: the machine's name, size arguments, and printing/appending a table."""
+
+from __future__ import annotations
+
+import platform
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_size(text: str) -> int:
+    """'64M' -> 67108864; also K and G, or a plain number."""
+    unit = text[-1].upper()
+    return int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[unit] if unit in "KMG" else int(text)
+
+
+def emit(lines: list[str], write: str | None) -> None:
+    """Prints the Markdown table and, with --write, appends it to that file (e.g. BENCHMARKS.md)."""
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        with open(write, "a") as f:
+            f.write("\n" + text + "\n")

@@ -1,0 +1,244 @@
+"""The service end to end over loopback, next to the transport floor, measured side by side in one run.
+
+    make bench-service        # or: .venv/bin/python benchmarks/service.py [--quick] [--write BENCHMARKS.md]
+
+Both servers run as separate processes with the tuned allocator; one Python client sends pre-serialized
+requests and receives raw bytes from each (identity serializers), so both pay the same client costs.
+The floor (benchmarks/echo_server.py) receives the same request bytes and answers with as many bytes as
+focalserve's answer has. Work: float32 logits, uint8 binary labels, SUM with gradient (5 B in, 4 B out
+per element), unless said otherwise.
+
+1. large batches (4M, 16M elements): elements/s, median of several calls;
+2. small batches (1K, 64K): p50 / p99 latency over many calls;
+3. a ComputeStream of 64 batches of 256K against 64 sequential Compute calls;
+4. 1, 4 and 16 concurrent clients sending 1M-element batches: throughput and p99; also focalserve as
+   2 processes sharing the port (--reuse-port), against 2 echo processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from focalloss.v1 import focal_loss_pb2 as pb
+from focalserve_client.client import build_request
+from report import cpu_model, emit
+
+HERE = Path(__file__).resolve().parent
+LIMIT = 256 * 1024 * 1024
+OPTIONS = [("grpc.max_send_message_length", LIMIT), ("grpc.max_receive_message_length", LIMIT)]
+ENV = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+class Servers:
+    """focalserve and the echo floor, each as 1 (or N, sharing the port) processes."""
+
+    def __init__(self, processes: int = 1):
+        self.procs = []
+        self.focal_port, self.echo_port = free_port(), free_port()
+        extra = ["--reuse-port"] if processes > 1 else []
+        for _ in range(processes):
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "focalserve", "--host", "127.0.0.1", "--port", str(self.focal_port),
+                 "--metrics-port", "-1", "--backend", "cpu", "--max-concurrent-rpcs", "0", *extra],
+                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            self.procs.append(subprocess.Popen([sys.executable, str(HERE / "echo_server.py"), str(self.echo_port), *extra],
+                                               env=ENV, stdout=subprocess.DEVNULL))
+        wait_port(self.focal_port)
+        wait_port(self.echo_port)
+        time.sleep(2.0)  # focalserve warms up after binding
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(60)
+
+
+class Workload:
+    """One request's bytes for focalserve, and the matching echo request (same size in, same size out)."""
+
+    def __init__(self, n: int, reduction: str = "sum"):
+        rng = np.random.default_rng(n)
+        logit = rng.normal(0, 3, n).astype(np.float32)
+        label = (rng.random(n) < 0.1).astype(np.uint8)
+        self.n = n
+        self.focal = build_request(logit, label, reduction=reduction, compute_grad=True).SerializeToString()
+        answer = 4 * n + (4 * n if reduction == "none" else 0) + 64
+        self.echo = answer.to_bytes(8, "little") + bytes(len(self.focal) - 8)
+
+
+class Target:
+    def __init__(self, port: int, unary: str, stream: str):
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", OPTIONS)
+        self.unary = self.channel.unary_unary(unary, request_serializer=None, response_deserializer=None)
+        self.stream = self.channel.stream_stream(stream, request_serializer=None, response_deserializer=None)
+
+    def close(self):
+        self.channel.close()
+
+
+def targets(servers: Servers) -> dict[str, Target]:
+    return {"focalserve": Target(servers.focal_port, "/focalloss.v1.FocalLossService/Compute",
+                                 "/focalloss.v1.FocalLossService/ComputeStream"),
+            "floor": Target(servers.echo_port, "/bench.Echo/Unary", "/bench.Echo/Stream")}
+
+
+def payload(name: str, work: Workload) -> bytes:
+    return work.focal if name == "focalserve" else work.echo
+
+
+def timed_calls(call, request: bytes, count: int) -> list[float]:
+    call(request, timeout=120)  # warm
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        call(request, timeout=120)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def bench_large(ts, sizes, repeats, rows):
+    for n in sizes:
+        work = Workload(n)
+        rate = {name: n / statistics.median(timed_calls(t.unary, payload(name, work), repeats)) / 1e6
+                for name, t in ts.items()}
+        rows.append((f"unary {n >> 20}M elements, SUM+grad", f"{rate['focalserve']:,.0f} M/s",
+                     f"{rate['floor']:,.0f} M/s", f"{rate['focalserve'] / rate['floor']:.2f} (target >= 0.75)"))
+
+
+def bench_small(ts, sizes, count, rows):
+    for n in sizes:
+        work = Workload(n)
+        lat = {name: timed_calls(t.unary, payload(name, work), count) for name, t in ts.items()}
+        p50 = {k: percentile(v, 50) * 1e3 for k, v in lat.items()}
+        p99 = {k: percentile(v, 99) * 1e3 for k, v in lat.items()}
+        label = f"{n >> 10}K" if n < (1 << 20) else f"{n >> 20}M"
+        rows.append((f"unary {label} elements, p50 / p99", f"{p50['focalserve']:.2f} / {p99['focalserve']:.2f} ms",
+                     f"{p50['floor']:.2f} / {p99['floor']:.2f} ms",
+                     f"p50 {p50['focalserve'] / p50['floor']:.2f} (target <= 1.2)"))
+
+
+def bench_stream(ts, items, n, rows):
+    work = Workload(n)
+    results = {}
+    for name, t in ts.items():
+        request = payload(name, work)
+        list(t.stream(iter([request] * 4), timeout=120))  # warm
+        started = time.perf_counter()
+        list(t.stream(iter([request] * items), timeout=300))
+        stream_rate = items * n / (time.perf_counter() - started) / 1e6
+        started = time.perf_counter()
+        for _ in range(items):
+            t.unary(request, timeout=120)
+        results[name] = (stream_rate, items * n / (time.perf_counter() - started) / 1e6)
+    f, e = results["focalserve"], results["floor"]
+    rows.append((f"ComputeStream {items} x {n >> 10}K", f"{f[0]:,.0f} M/s", f"{e[0]:,.0f} M/s",
+                 f"{f[0] / e[0]:.2f} of the floor (target >= 0.9)"))
+    rows.append((f"{items} sequential Compute x {n >> 10}K", f"{f[1]:,.0f} M/s", f"{e[1]:,.0f} M/s",
+                 f"stream / sequential {f[0] / f[1]:.2f} (target >= 1.5)"))
+
+
+def bench_concurrency(servers_factory, clients_list, n, seconds, rows, label=""):
+    servers = servers_factory()
+    try:
+        work = Workload(n)
+        for clients in clients_list:
+            figures = {}
+            for name, port, method in (("focalserve", servers.focal_port, "/focalloss.v1.FocalLossService/Compute"),
+                                       ("floor", servers.echo_port, "/bench.Echo/Unary")):
+                request = payload(name, work)
+                latencies: list[float] = []
+                lock = threading.Lock()
+                stop = time.monotonic() + seconds
+
+                def client():
+                    with grpc.insecure_channel(f"127.0.0.1:{port}", OPTIONS) as channel:
+                        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+                        call(request, timeout=120)
+                        mine = []
+                        while time.monotonic() < stop:
+                            started = time.perf_counter()
+                            call(request, timeout=120)
+                            mine.append(time.perf_counter() - started)
+                        with lock:
+                            latencies.extend(mine)
+
+                threads = [threading.Thread(target=client) for _ in range(clients)]
+                started = time.monotonic()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                elapsed = time.monotonic() - started
+                figures[name] = (len(latencies) * n / elapsed / 1e6, percentile(latencies, 99) * 1e3)
+            f, e = figures["focalserve"], figures["floor"]
+            rows.append((f"{clients} concurrent clients x {n >> 20}M{label}", f"{f[0]:,.0f} M/s, p99 {f[1]:.0f} ms",
+                         f"{e[0]:,.0f} M/s, p99 {e[1]:.0f} ms",
+                         f"{f[0] / e[0]:.2f}" + (" (target >= 0.9 at 4)" if clients == 4 else "")))
+    finally:
+        servers.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, shorter concurrency runs")
+    ap.add_argument("--write", help="append the table to this Markdown file")
+    args = ap.parse_args()
+    repeats, count, seconds = (3, 100, 3.0) if args.quick else (5, 300, 8.0)
+
+    rows: list[tuple[str, str, str, str]] = []
+    servers = Servers()
+    ts = targets(servers)
+    try:
+        bench_large(ts, [4 << 20, 16 << 20], repeats, rows)
+        bench_small(ts, [1 << 10, 64 << 10], count, rows)
+        bench_stream(ts, 64, 256 << 10, rows)
+    finally:
+        for t in ts.values():
+            t.close()
+        servers.close()
+    bench_concurrency(Servers, [1, 4, 16], 1 << 20, seconds, rows)
+    bench_concurrency(lambda: Servers(processes=2), [4, 16], 1 << 20, seconds, rows, label=", 2 processes")
+
+    table = [f"Service over loopback, {cpu_model()}, {os.cpu_count()} cores, {datetime.date.today().isoformat()}: "
+             f"`benchmarks/service.py{' --quick' if args.quick else ''}`", "",
+             "| measurement | focalserve | transport floor | ratio |", "|---|---|---|---|"]
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    emit(table, args.write)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
