@@ -40,12 +40,17 @@ _FLOAT_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64)
 
 
 def service_config(max_attempts: int = 5) -> str:
-    """Retry UNAVAILABLE (server restarting, connection refused, draining) with exponential backoff; and, with
+    """Retry UNAVAILABLE (server restarting, connection refused, draining) and CANCELLED by the server
+    with exponential backoff; and, with
     a balancing policy such as round_robin, skip replicas whose health service says NOT_SERVING (draining)."""
     return json.dumps({"healthCheckConfig": {"serviceName": SERVICE}, "methodConfig": [{
         "name": [{"service": SERVICE}],
         "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "2s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+                        "backoffMultiplier": 2,
+                        # CANCELLED too: a server shutting down cancels calls it received but had not started
+                        # (grpc/grpc#41785). Every call here is a pure function, so a retry is always safe;
+                        # gRPC never retries once response headers came, nor a cancellation by this client.
+                        "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]},
     }]})
 
 

@@ -35,6 +35,9 @@ _WIRE_DTYPES: dict[np.dtype, int] = {
 }
 
 
+MAX_RANK = 64  # NumPy's maximum number of dimensions
+
+
 class TensorError(ValueError):
     """A Tensor message that cannot be decoded; `field` names it (e.g. "logit.shape")."""
 
@@ -61,6 +64,8 @@ def decode(tensor: pb.Tensor, field: str, allowed: tuple[int, ...]) -> np.ndarra
         names = ", ".join(pb.DType.Name(d) for d in allowed)
         raise TensorError(f"{field}.dtype", f"{dtype_name(tensor.dtype)} is not allowed here (allowed: {names})")
     shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) > MAX_RANK:
+        raise TensorError(f"{field}.shape", f"has rank {len(shape)}, more than {MAX_RANK} (NumPy's limit)")
     for axis, dim in enumerate(shape):
         if dim < 0:
             raise TensorError(f"{field}.shape", f"dimension {axis} is negative ({dim})")

@@ -20,6 +20,7 @@ from focalserve_client.tensor import TensorError, decode
 from .errors import RequestError
 
 DEFAULT_ALPHA = 0.25
+MAX_EFFECTIVE_GAMMA = 1e30
 DEFAULT_GAMMA = 2.0
 IGNORE_LABEL = -100
 
@@ -145,13 +146,21 @@ def parse(request: pb.ComputeRequest, limits: Limits = Limits()) -> Job:
         grad_scale = upstream / (normalizer * count) if logit.size else 0.0
         grad_output = None
 
+    if not np.isfinite(logit.dtype.type(grad_scale)):
+        # e.g. grad_output 1e300 on float32, or a tiny normalizer: every gradient would be inf, ignored ones NaN
+        field = "grad_output" if request.HasField("grad_output") else "normalizer"
+        raise RequestError.invalid(field, f"the gradient's scale (grad_output / normalizer{' / numel' if reduction == 'mean' else ''}"
+                                          f" = {grad_scale:.3g}) overflows {logit.dtype.name}")
+
     return Job(
         request_id=request.request_id,
         logit=logit,
         label=label,
         label_format=label_format,
         alpha=float(alpha),
-        gamma=float(gamma),
+        # q^γ is already 0 for every q < 1 representable in float64 at γ = 1e30; beyond it the factor γ
+        # itself would overflow float32 (inf · 0 = NaN), so larger γ computes as 1e30, with the same result
+        gamma=min(float(gamma), MAX_EFFECTIVE_GAMMA),
         normalizer=normalizer,
         reduction=reduction,
         compute_grad=request.compute_grad,

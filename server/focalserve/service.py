@@ -15,6 +15,7 @@ from concurrent.futures import Executor
 from typing import NamedTuple
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
 from focalloss.v1 import focal_loss_pb2 as pb
@@ -44,6 +45,8 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
     def compute(self, request: pb.ComputeRequest, deadline: float | None = None) -> "Answer":
         """The serialized ComputeResponse and its stats. Raises RequestError for a request the service
         refuses. `deadline`: time.monotonic() after which the caller has given up: the work is not started."""
+        if isinstance(request, Undecodable):
+            raise RequestError.invalid("request", f"is not a valid focalloss.v1.ComputeRequest ({request.reason})")
         if deadline is not None and time.monotonic() >= deadline:
             metrics.REJECTED.labels("deadline").inc()
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, ("grpc-timeout", "the deadline passed before the work started"))
@@ -143,6 +146,21 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+class Undecodable(NamedTuple):
+    """Request bytes that are not a ComputeRequest. Refused by the servicer with INVALID_ARGUMENT: a
+    deserializer that raised would make grpc answer UNKNOWN and end a whole stream."""
+
+    reason: str
+    request_id: str = ""
+
+
+def parse_request(data: bytes) -> "pb.ComputeRequest | Undecodable":
+    try:
+        return pb.ComputeRequest.FromString(data)
+    except DecodeError as e:
+        return Undecodable(str(e)[:200])
+
+
 class Answer(NamedTuple):
     """A serialized ComputeResponse, and its stats (None for a failed stream item)."""
 
@@ -159,9 +177,9 @@ def add_to_server(servicer: "FocalLossServicer", server) -> None:
     """Like the generated add_FocalLossServiceServicer_to_server, with the pass-through response serializer."""
     handlers = {
         "Compute": grpc.unary_unary_rpc_method_handler(
-            servicer.Compute, request_deserializer=pb.ComputeRequest.FromString, response_serializer=serialize),
+            servicer.Compute, request_deserializer=parse_request, response_serializer=serialize),
         "ComputeStream": grpc.stream_stream_rpc_method_handler(
-            servicer.ComputeStream, request_deserializer=pb.ComputeRequest.FromString, response_serializer=serialize),
+            servicer.ComputeStream, request_deserializer=parse_request, response_serializer=serialize),
         "GetServerInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetServerInfo, request_deserializer=pb.GetServerInfoRequest.FromString,
             response_serializer=serialize),

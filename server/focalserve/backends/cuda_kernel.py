@@ -31,7 +31,7 @@ _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 def gamma_halves(gamma: float) -> int:
     """2γ when γ is a multiple of 0.5 up to 8 (the kernel then multiplies, as the NumPy backend does), else -1."""
     twice = 2.0 * gamma
-    return int(twice) if twice == int(twice) and gamma <= 8.0 else -1
+    return int(twice) if gamma <= 8.0 and twice == int(twice) else -1
 
 
 @dataclass

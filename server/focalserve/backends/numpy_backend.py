@@ -33,7 +33,10 @@ from .. import request as rq
 from ..request import Job
 from .base import Result
 
-DEFAULT_BLOCK_ELEMENTS = 32 * 1024
+# One thread: 32K-element blocks keep every buffer in L2. Several threads: each ufunc call releases and
+# retakes the GIL, so blocks must be large enough (128K) that the handoffs cost little next to the work.
+BLOCK_ELEMENTS_ONE_THREAD = 32 * 1024
+BLOCK_ELEMENTS_THREADED = 128 * 1024
 _SCRATCH_BUFFERS = 8
 
 
@@ -54,7 +57,7 @@ class _Scratch:
 def _power(q: np.ndarray, gamma: float, out: np.ndarray) -> np.ndarray:
     """q**gamma, by multiplication for the common integer and half-integer γ (faster and exact-er than pow)."""
     twice = 2.0 * gamma
-    if twice == int(twice) and gamma <= 8.0:
+    if gamma <= 8.0 and twice == int(twice):
         whole = int(gamma)
         if twice % 2:
             np.sqrt(q, out=out)
@@ -71,7 +74,7 @@ def focal_block(x: np.ndarray, neg_abs_x: np.ndarray, y: np.ndarray, alpha: floa
     """Loss and dloss/dx of one block (before normalizer, reduction and grad_output), in scratch buffers.
 
     Written for few passes and few live buffers (at most 8 besides the label), so that a block of
-    DEFAULT_BLOCK_ELEMENTS stays in L2 and the threads rarely meet at the GIL between ufunc calls.
+    block stays in L2 (BLOCK_ELEMENTS_ONE_THREAD) or nearly (BLOCK_ELEMENTS_THREADED).
     """
     n = x.size
     b = scratch.views(n)
@@ -170,10 +173,11 @@ class NumpyBackend:
 
     name = "numpy"
 
-    def __init__(self, threads: int = 1, block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    def __init__(self, threads: int = 1, block_elements: int | None = None,
                  allow_nonfinite: bool = False):
         self.threads = max(1, threads)
-        self.block_elements = block_elements
+        self.block_elements = block_elements or (
+            BLOCK_ELEMENTS_THREADED if self.threads > 1 else BLOCK_ELEMENTS_ONE_THREAD)
         self.allow_nonfinite = allow_nonfinite
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(self.threads, "focal-block") if self.threads > 1 else None
