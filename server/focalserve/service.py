@@ -30,6 +30,10 @@ from .request import LOGIT_DTYPES, Limits, parse
 
 log = logging.getLogger("focalserve")
 
+# Requests up to this size (about 3K float32 elements with uint8 labels, ~50 µs of work) skip the thread
+# pool, whose hop costs more than that; anything larger must not hold the event loop.
+INLINE_BYTES = 16 * 1024
+
 
 class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
     def __init__(self, backends: BackendSet, executor: Executor, limits: Limits, max_message_bytes: int,
@@ -85,12 +89,19 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
             error = internal_status(_log_internal(request.request_id))
         return Answer(pb.ComputeResponse(request_id=request.request_id, error=error).SerializeToString(), None)
 
+    async def _submit(self, request, deadline: float | None, item: bool = False) -> "Answer":
+        """Small requests are computed right here on the event loop (well under a millisecond): the hop
+        to a pool thread and back costs more than their work. Larger ones go to the pool."""
+        work = self._compute_item if item else self.compute
+        if not isinstance(request, Undecodable) and request.ByteSize() <= INLINE_BYTES:
+            return work(request, deadline)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work, request, deadline)
+
     # ---- RPCs ----
 
     async def Compute(self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext) -> bytes:
-        loop = asyncio.get_running_loop()
         try:
-            answer = await loop.run_in_executor(self._executor, self.compute, request, _deadline(context))
+            answer = await self._submit(request, _deadline(context))
             return answer.response
         except RequestError as e:
             await context.abort_with_status(rpc_status.to_status(e.to_status_proto()))
@@ -98,7 +109,6 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, _log_internal(request.request_id))
 
     async def ComputeStream(self, request_iterator, context: grpc.aio.ServicerContext):
-        loop = asyncio.get_running_loop()
         deadline = _deadline(context)
         # Bounded: a client that sends faster than the server computes is held back by flow control.
         in_flight: asyncio.Queue = asyncio.Queue(maxsize=self._stream_window)
@@ -106,7 +116,7 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
         async def submit_all() -> None:
             try:
                 async for request in request_iterator:
-                    await in_flight.put(loop.run_in_executor(self._executor, self._compute_item, request, deadline))
+                    await in_flight.put(asyncio.ensure_future(self._submit(request, deadline, item=True)))
             finally:
                 await in_flight.put(None)
 
