@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -76,11 +77,13 @@ def wait_serving(target: str, process: subprocess.Popen, timeout: float = 60.0) 
     raise TimeoutError(f"server at {target} not SERVING after {timeout}s")
 
 
-def start_server(tmp_path: Path, *args: str, env: dict | None = None) -> ServerProcess:
-    """Starts `python -m focalserve` on a free port with `args`; returns once health says SERVING."""
+def start_server(tmp_path: Path, *args: str, env: dict | None = None,
+                 command: list[str] | None = None) -> ServerProcess:
+    """Starts `python -m focalserve` (or `command`, a launcher taking the same flags) on a free port with
+    `args`; returns once health says SERVING."""
     port = free_port()
     log_path = tmp_path / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "focalserve", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [*(command or [sys.executable, "-m", "focalserve"]), "--host", "127.0.0.1", "--port", str(port),
            "--metrics-port", "-1", "--backend", TEST_BACKEND, *args]
     with open(log_path, "w") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -111,6 +114,20 @@ def channel(server) -> grpc.Channel:
 @pytest.fixture(scope="session")
 def stub(channel) -> pb_grpc.FocalLossServiceStub:
     return pb_grpc.FocalLossServiceStub(channel)
+
+
+def debian_tool(binary: str, package: str) -> str | None:
+    """`binary` from PATH, installing Debian's `package` first when it is missing and this runs as root
+    (as CI does): the suite starts real Prometheus and docker-compose rather than stand-ins."""
+    found = shutil.which(binary)
+    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package]
+    if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
+        subprocess.run(install, env=env, capture_output=True, timeout=600)
+    return shutil.which(binary)
 
 
 # ---- golden cases (../shared/golden, SPEC §4) ----

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import debian_tool
+
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
 # CRD-based manifests (e.g. a ServiceMonitor) have no schema in kubernetes-validate.
@@ -69,23 +71,9 @@ def test_compose_file_matches_the_compose_spec_schema():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def _docker_compose() -> str | None:
-    """Debian's docker-compose (1.29, its own Python), installed here when missing: it cannot live in the
-    project's venv (it needs PyYAML < 6, which no longer builds)."""
-    found = shutil.which("docker-compose")
-    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return found
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "docker-compose"]
-    if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        subprocess.run(install, env=env, capture_output=True, timeout=600)
-    return shutil.which("docker-compose")
-
-
 @pytest.mark.parametrize("profile", [[], ["--profile", "gpu"]], ids=["default", "gpu-profile"])
 def test_docker_compose_config_validates(profile):
-    compose = _docker_compose()
+    compose = debian_tool("docker-compose", "docker-compose")
     if compose is None:
         pytest.skip("docker-compose is not installed and could not be installed (apt-get install docker-compose)")
     r = run(compose, "-f", "docker-compose.yml", *profile, "config", "--services")

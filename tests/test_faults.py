@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import ServerProcess, free_port, start_server, wait_serving
+from conftest import ServerProcess, free_port, start_server
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 from focalserve_client import FocalLossClient
@@ -75,19 +75,8 @@ def _calls_open(metrics: dict) -> float:
 
 
 def start_fault_server(tmp_path: Path, inject: str, *args: str) -> ServerProcess:
-    """Like conftest.start_server, through tests/fault_server.py with `--inject <inject>`."""
-    port = free_port()
-    log_path = tmp_path / f"fault-{inject}-{port}.log"
-    cmd = [sys.executable, str(LAUNCHER), "--inject", inject, "--host", "127.0.0.1", "--port", str(port), *args]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    server = ServerProcess(process, port, log_path)
-    try:
-        wait_serving(server.target, process)
-    except Exception:
-        server.stop()
-        raise RuntimeError(f"fault server did not start:\n{server.log()}")
-    return server
+    """conftest.start_server through tests/fault_server.py with `--inject <inject>`."""
+    return start_server(tmp_path, *args, command=[sys.executable, str(LAUNCHER), "--inject", inject])
 
 
 @pytest.fixture(scope="module")

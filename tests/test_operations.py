@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import EXPECTED_BACKEND, free_port, start_server
+from conftest import EXPECTED_BACKEND, debian_tool, free_port, start_server
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 from focalserve_client.client import build_request
@@ -127,22 +126,9 @@ def test_failed_calls_are_logged_as_json_without_payload(metered, known_traffic)
     assert all(len(line) < 2000 for line in metered.log().splitlines())
 
 
-def _prometheus_binary() -> str | None:
-    """Debian's prometheus, installed here when missing (the test needs a real one)."""
-    found = shutil.which("prometheus")
-    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return found
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"]
-    if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
-        subprocess.run(install, env=env, capture_output=True, timeout=600)
-    return shutil.which("prometheus")
-
-
 @pytest.fixture(scope="module")
 def prometheus(metered, tmp_path_factory):
-    binary = _prometheus_binary()
+    binary = debian_tool("prometheus", "prometheus")
     if binary is None:
         pytest.skip("Prometheus is not installed and could not be installed (apt-get install prometheus failed)")
     folder = tmp_path_factory.mktemp("prometheus")
