@@ -49,20 +49,33 @@ class _Scratch:
         self.keep = np.empty(block, dtype)
         self.neg_abs = np.empty(block, dtype)
         self.zeros = np.zeros(block, dtype)
+        self._classes: dict[tuple[int, np.dtype], np.ndarray] = {}
+
+    def class_numbers(self, width: int, dtype: np.dtype) -> np.ndarray:
+        """1..C as the labels' dtype, made once per (C, dtype) rather than per block."""
+        key = (width, dtype)
+        if key not in self._classes:
+            self._classes[key] = np.arange(1, width + 1, dtype=dtype)
+        return self._classes[key]
 
     def views(self, n: int) -> list[np.ndarray]:
         return [b[:n] for b in self.buffers]
 
 
 def _power(q: np.ndarray, gamma: float, out: np.ndarray) -> np.ndarray:
-    """q**gamma, by multiplication for the common integer and half-integer γ (faster and exact-er than pow)."""
+    """q**gamma, by multiplication for the common integer and half-integer γ (faster and exact-er than pow).
+    γ = 2 is one pass (q·q); callers skip γ = 0."""
     twice = 2.0 * gamma
     if gamma <= 8.0 and twice == int(twice):
         whole = int(gamma)
         if twice % 2:
             np.sqrt(q, out=out)
-        else:
-            out.fill(1.0)
+        elif whole >= 2:
+            np.multiply(q, q, out=out)
+            whole -= 2
+        else:  # γ = 1
+            np.copyto(out, q)
+            whole = 0
         for _ in range(whole):
             out *= q
         return out
@@ -295,7 +308,7 @@ class NumpyBackend:
         """One-hot labels of a block of rows, made in scratch (never for the whole batch)."""
         rows = label.size
         n = rows * width
-        classes = np.arange(1, width + 1, dtype=label.dtype)
+        classes = scratch.class_numbers(width, label.dtype)
         y = scratch.label[:n]
         np.equal(label[:, None], classes[None, :], out=y.reshape(rows, width))
         keep = None
