@@ -1,6 +1,6 @@
 # focalserve container images: one Dockerfile, two targets (BuildKit required: `RUN --mount`).
 #
-#   docker build --target cpu -t focalserve:cpu .      # NumPy on the CPU (also the default target)
+#   docker build --target cpu -t focalserve:cpu .      # the CPU backend (also the default target)
 #   docker build --target gpu -t focalserve:gpu .      # CuPy on an NVIDIA GPU (run with --gpus all)
 #
 # Base images are build arguments. The CPU image needs only a base with `python3` and its venv module: the
@@ -15,10 +15,17 @@ ARG BASE_IMAGE=python:3.12-slim
 ARG GPU_BASE_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------------------
-# wheels: the gRPC stubs (as `make stubs` makes them) and the two pure-Python distributions, built once for
-# both targets. grpcio-tools and setuptools live only here.
+# wheels: the gRPC stubs (as `make stubs` makes them) and the two distributions, built once for both targets:
+# the client is pure Python, the server carries its compiled CPU kernel (g++, server/setup.py), so its wheel
+# is for this base's Python; the GPU base's python3 must be the same version (3.12 for the defaults).
+# grpcio-tools, setuptools and the compiler live only here.
 FROM ${BASE_IMAGE} AS wheels
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+# The base's own compiler; its version follows the base image's security updates.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY requirements.lock requirements-runtime.lock ./
 RUN --mount=type=secret,id=pipcert,required=false \

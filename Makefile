@@ -34,8 +34,9 @@ $(DEPS): requirements.lock | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	touch $@
 
-# The two distributions, editable, after the stubs they package exist.
-$(READY): $(DEPS) $(STUBS) client/pyproject.toml server/pyproject.toml
+# The two distributions, editable, after the stubs they package exist; this also compiles the server's CPU
+# kernel (server/setup.py, g++), again whenever its source changes.
+$(READY): $(DEPS) $(STUBS) client/pyproject.toml server/pyproject.toml server/setup.py server/focalserve/backends/focal_loss_cpu.cpp
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e client -e server
 	touch $@
 
@@ -65,4 +66,4 @@ $(BENCH_VENV)/.installed: requirements.lock requirements-bench.txt $(STUBS)
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) client/focalloss build *.egg-info client/*.egg-info server/*.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) client/focalloss build server/build *.egg-info client/*.egg-info server/*.egg-info server/focalserve/backends/*.so

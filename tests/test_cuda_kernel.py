@@ -104,7 +104,7 @@ def run_on_cpu(kernels, job: rq.Job):
     else:
         leading = [_pointer(logit), _pointer(p.label), ctypes.c_longlong(p.elements)]
     getattr(kernels, f"cpu_{p.kernel}")(ctypes.c_uint(GRID), *leading, *common)
-    loss_sum, positives = cuda_kernel.finish(job, p, block_sums, int(flags[0]))
+    loss_sum, positives = cuda_kernel.finish(job, block_sums, int(flags[0]))
     if loss is None:
         loss = np.asarray(reduced_loss(loss_sum, job.normalizer, job.elements, job.reduction), job.dtype)
     else:

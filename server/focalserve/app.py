@@ -21,7 +21,7 @@ from focalserve_client.client import build_request
 from focalserve_client.tensor import encode
 
 from . import __version__, metrics
-from .backends import BackendSet, NumpyBackend, measure_crossover
+from .backends import BackendSet, NumpyBackend, cpu_kernel, measure_crossover
 from .config import Config, parse_args
 from .interceptors import AuthInterceptor, ConcurrencyLimitInterceptor, MetricsInterceptor
 from .request import Limits, parse
@@ -50,7 +50,12 @@ def configure_logging(fmt: str) -> None:
 
 def build_backends(config: Config) -> BackendSet:
     """The CPU backend always; the GPU one unless --backend cpu, when CuPy sees a usable device."""
-    cpu = NumpyBackend(threads=config.workers, allow_nonfinite=config.allow_nonfinite)
+    kernel = None
+    if config.cpu_kernel == "compiled":
+        kernel, why_not = cpu_kernel.load()
+        if kernel is None:
+            log.warning("CPU backend: computing with NumPy ufuncs (2-4x slower): %s", why_not)
+    cpu = NumpyBackend(threads=config.workers, allow_nonfinite=config.allow_nonfinite, kernel=kernel)
     gpu = None
     if config.backend != "cpu":
         gpu, why_not = _load_gpu(config)
@@ -150,8 +155,9 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     await asyncio.get_running_loop().run_in_executor(executor, warm_up, backends)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("focalserve %s serving: backend=%s devices=%s grpc=%s:%d (%s) metrics=%s workers=%d "
+    log.info("focalserve %s serving: backend=%s devices=%s cpu_kernel=%s grpc=%s:%d (%s) metrics=%s workers=%d "
              "max_message_mb=%d auth=%s", __version__, backends.default_name, "; ".join(backends.devices()),
+             "compiled" if backends.cpu.kernel is not None else "ufunc",
              config.host, port, "mtls" if config.tls_client_ca else "tls" if credentials else "plaintext",
              f"{config.metrics_host}:{config.metrics_port}" if config.metrics_port >= 0 else "off",
              config.workers, config.max_message_mb, "token" if config.auth_token else "none",

@@ -14,6 +14,7 @@ class Config:
     metrics_host: str
     metrics_port: int
     backend: str
+    cpu_kernel: str
     workers: int
     max_message_mb: int
     max_elements: int
@@ -57,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="Prometheus /metrics port (default 8000; -1 disables)")
     p.add_argument("--backend", choices=("auto", "cpu", "gpu"), default=_env("BACKEND", "auto"),
                    help="auto: the GPU when CuPy sees one, else the CPU (default auto)")
+    p.add_argument("--cpu-kernel", choices=("compiled", "ufunc"), default=_env("CPU_KERNEL", "compiled"),
+                   help="the CPU backend's loop: the compiled kernel (default; NumPy ufuncs if it is not built) "
+                        "or NumPy ufuncs")
     p.add_argument("--workers", type=int, default=_env("WORKERS", cpus),
                    help=f"requests computed at once, and threads one large request is split over (default {cpus})")
     p.add_argument("--max-message-mb", type=int, default=_env("MAX_MESSAGE_MB", 256),
@@ -106,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         if not token:
             p.error("--auth-token-file is empty")
     return Config(host=a.host, port=a.port, metrics_host=a.metrics_host, metrics_port=a.metrics_port,
-                  backend=a.backend, workers=a.workers, max_message_mb=a.max_message_mb,
+                  backend=a.backend, cpu_kernel=a.cpu_kernel, workers=a.workers, max_message_mb=a.max_message_mb,
                   max_elements=a.max_elements, gpu_min_elements=a.gpu_min_elements, allow_nonfinite=a.allow_nonfinite,
                   grace_seconds=a.grace_seconds, drain_delay_s=a.drain_delay_s, log_format=a.log_format, max_concurrent_rpcs=a.max_concurrent_rpcs,
                   max_connection_age_s=a.max_connection_age_s, reuse_port=a.reuse_port, tls_cert=a.tls_cert, tls_key=a.tls_key,

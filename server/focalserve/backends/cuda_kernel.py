@@ -8,7 +8,6 @@ there too.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from .. import request as rq
 from ..request import Job
+from .kernel_host import FLAG_BAD_LABEL, FLAG_NONFINITE, finish, gamma_halves  # noqa: F401 (the CuPy side uses them)
 
 SOURCE = Path(__file__).with_name("focal_loss.cu")
 KERNELS = ("focal_dense_f32_f32", "focal_dense_f32_u8", "focal_dense_f64_f64", "focal_dense_f64_u8",
@@ -23,15 +23,8 @@ KERNELS = ("focal_dense_f32_f32", "focal_dense_f32_u8", "focal_dense_f64_f64", "
 
 BLOCK = 256  # FOCAL_BLOCK in the .cu
 WRITE_LOSS, WRITE_GRAD, GRAD_OUTPUT = 1, 2, 4
-FLAG_NONFINITE, FLAG_BAD_LABEL = 1, 2
 
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
-
-
-def gamma_halves(gamma: float) -> int:
-    """2γ when γ is a multiple of 0.5 up to 8 (the kernel then multiplies, as the NumPy backend does), else -1."""
-    twice = 2.0 * gamma
-    return int(twice) if gamma <= 8.0 and twice == int(twice) else -1
 
 
 @dataclass
@@ -78,17 +71,3 @@ def plan(job: Job, check_finite: bool) -> KernelPlan:
     else:
         kernel, label = f"focal_dense_{suffix}_{suffix}", np.ascontiguousarray(label, dtype=dtype)
     return KernelPlan(kernel, dtype, label, job.elements, job.elements, 0, mode, scalars)
-
-
-def finish(job: Job, kernel_plan: KernelPlan, block_sums: np.ndarray, flags: int) -> tuple[float, float]:
-    """Raises for what the kernel flagged (naming the first culprit, as the NumPy backend does);
-    returns (loss_sum, positives) from the per-block sums."""
-    if flags & FLAG_NONFINITE:
-        logit = job.logit.reshape(-1)
-        rq.raise_nonfinite_logits(0, logit)
-    if flags & FLAG_BAD_LABEL:
-        rq.raise_bad_dense_labels(0, job.label.reshape(-1))
-    pairs = block_sums.reshape(-1, 2)
-    loss_sum = math.fsum(pairs[:, 0])
-    positives = job.positives if kernel_plan.class_index else float(math.fsum(pairs[:, 1]))
-    return loss_sum, positives

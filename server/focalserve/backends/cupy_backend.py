@@ -102,7 +102,7 @@ class CupyBackend:
             host_grad = _to_host(grad) if grad is not None else None
             stream.synchronize()
 
-        loss_sum, positives = cuda_kernel.finish(job, plan, host_sums, int(host_flags[0]))
+        loss_sum, positives = cuda_kernel.finish(job, host_sums, int(host_flags[0]))
         if host_loss is None:
             host_loss = np.asarray(reduced_loss(loss_sum, job.normalizer, job.elements, job.reduction), dtype)
         else:

@@ -1,4 +1,11 @@
-"""The CPU backend: sigmoid focal loss and gradient in one fused pass of NumPy ufuncs over cache-sized blocks.
+"""The CPU backend: sigmoid focal loss and gradient over cache-sized blocks, in one of two engines.
+
+- The compiled kernel (focal_loss_cpu.cpp through cpu_kernel.py), the default: one vectorised pass per
+  block in double precision, called without the GIL, so threads scale with cores.
+- The fused ufunc pipeline below, the fallback where the kernel is not built and the independent reference
+  the kernel is tested against: about 15 passes of NumPy ufuncs over a block held in L2.
+
+Both compute the same formulas and report bad values the same way.
 
 Per element, with x the logit, y the label (soft labels allowed), p = σ(x) (SPEC §1):
 
@@ -13,9 +20,10 @@ with r = 1/(1+e) and h = [x >= 0], so neither is formed as 1 minus the other; ev
 non-negative terms except p - y = σ(x)·(1-y) - σ(-x)·y, whose cancellation is the true value's. The
 result is finite for every finite logit and every γ >= 0, with no negative power of q.
 
-Each block's intermediates live in per-thread scratch buffers that stay in L2; the per-element loss is
-only written out for reduction NONE; the loss sum is accumulated per block in float64 and the blocks'
-sums are added with math.fsum, so the result does not depend on how blocks are split among threads.
+In the ufunc pipeline each block's intermediates live in per-thread scratch buffers that stay in L2. In
+both engines the per-element loss is only written out for reduction NONE, the loss sum is accumulated per
+block in float64 and the blocks' sums are added with math.fsum, so the result does not depend on how
+blocks are split among threads.
 """
 
 from __future__ import annotations
@@ -32,11 +40,16 @@ from focalserve_client.combine import reduced_loss
 from .. import request as rq
 from ..request import Job
 from .base import Result
+from .cpu_kernel import CpuKernel
+from .kernel_host import finish
 
 # One thread: 32K-element blocks keep every buffer in L2. Several threads: each ufunc call releases and
 # retakes the GIL, so blocks must be large enough (128K) that the handoffs cost little next to the work.
 BLOCK_ELEMENTS_ONE_THREAD = 32 * 1024
 BLOCK_ELEMENTS_THREADED = 128 * 1024
+# The compiled kernel keeps a block's intermediates in registers: blocks only set how finely a request is
+# shared among threads (and the granularity of the loss sums).
+BLOCK_ELEMENTS_COMPILED = 64 * 1024
 _SCRATCH_BUFFERS = 8
 
 
@@ -182,18 +195,25 @@ def focal_block_hard(x: np.ndarray, neg_abs_x: np.ndarray, y: np.ndarray, alpha:
 
 
 class NumpyBackend:
-    """Fused block pipeline on the CPU; `threads` > 1 splits a large request's blocks over a pool."""
+    """The CPU backend. Computes with the compiled kernel (focal_loss_cpu.cpp) when `kernel` is given,
+    else with the fused ufunc pipeline above; `threads` > 1 splits a large request's blocks over a pool."""
 
     name = "numpy"
 
     def __init__(self, threads: int = 1, block_elements: int | None = None,
-                 allow_nonfinite: bool = False):
+                 allow_nonfinite: bool = False, kernel: CpuKernel | None = None):
         self.threads = max(1, threads)
+        self.kernel = kernel
         self.block_elements = block_elements or (
-            BLOCK_ELEMENTS_THREADED if self.threads > 1 else BLOCK_ELEMENTS_ONE_THREAD)
+            BLOCK_ELEMENTS_COMPILED if kernel is not None
+            else BLOCK_ELEMENTS_THREADED if self.threads > 1 else BLOCK_ELEMENTS_ONE_THREAD)
         self.allow_nonfinite = allow_nonfinite
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(self.threads, "focal-block") if self.threads > 1 else None
+
+    @property
+    def engine(self) -> str:
+        return "compiled kernel" if self.kernel is not None else "NumPy ufuncs"
 
     def devices(self) -> list[str]:
         return [f"cpu ({_cpu_model()})"]
@@ -205,16 +225,44 @@ class NumpyBackend:
             scratch = cache[dtype] = _Scratch(dtype, max(elements, self.block_elements))
         return scratch
 
+    def _over_blocks(self, blocks: int, run_span) -> list:
+        """run_span(first, last) over [0, blocks), in contiguous spans shared among the threads."""
+        if self._pool is None or blocks < 2:
+            return [run_span(0, blocks)]
+        step = -(-blocks // self.threads)
+        futures = [self._pool.submit(run_span, i, min(i + step, blocks)) for i in range(0, blocks, step)]
+        return [f.result() for f in futures]
+
     def run(self, job: Job) -> Result:
         started = time.perf_counter()
+        loss_out = np.empty(job.logit.shape, job.dtype) if job.reduction == "none" else None
+        grad_out = np.empty(job.logit.shape, job.dtype) if job.compute_grad else None
+        if self.kernel is not None:
+            loss_sum, positives = self._run_compiled(job, loss_out, grad_out)
+        else:
+            loss_sum, positives = self._run_ufuncs(job, loss_out, grad_out)
+        if loss_out is None:
+            loss_out = np.asarray(reduced_loss(loss_sum, job.normalizer, job.elements, job.reduction), job.dtype)
+        return Result(loss=loss_out, grad=grad_out, elements=job.elements, positives=positives,
+                      loss_sum=loss_sum, compute_seconds=time.perf_counter() - started, backend=self.name)
+
+    def _run_compiled(self, job: Job, loss_out: np.ndarray | None,
+                      grad_out: np.ndarray | None) -> tuple[float, float]:
+        call = self.kernel.prepare(job, loss_out, grad_out, check_finite=not self.allow_nonfinite,
+                                   block_elements=self.block_elements)
+        sums = np.zeros((call.blocks, 2), np.float64)
+        flags = 0
+        for span_flags in self._over_blocks(call.blocks, lambda first, last: call.run(first, last, sums)):
+            flags |= span_flags
+        return finish(job, sums, flags)
+
+    def _run_ufuncs(self, job: Job, loss_out: np.ndarray | None,
+                    grad_out: np.ndarray | None) -> tuple[float, float]:
         dtype = job.dtype
         width = job.num_classes if job.label_format == rq.CLASS_INDEX else 1
         rows = job.elements // width if width else 0
         rows_per_block = max(1, self.block_elements // max(width, 1))
         blocks = -(-rows // rows_per_block)
-
-        loss_out = np.empty(job.logit.shape, dtype) if job.reduction == "none" else None
-        grad_out = np.empty(job.logit.shape, dtype) if job.compute_grad else None
         block_sums = np.zeros(blocks, np.float64)
         block_positives = np.zeros(blocks, np.int64)
         outputs = (loss_out.reshape(-1) if loss_out is not None else None,
@@ -227,20 +275,10 @@ class NumpyBackend:
                 r1 = min(r0 + rows_per_block, rows)
                 block_sums[k], block_positives[k] = self._block(job, r0, r1, width, scratch, outputs)
 
-        if self._pool is not None and blocks > 1:
-            step = -(-blocks // self.threads)
-            spans = [(i, min(i + step, blocks)) for i in range(0, blocks, step)]
-            for future in [self._pool.submit(run_blocks, a, z) for a, z in spans]:
-                future.result()
-        else:
-            run_blocks(0, blocks)
-
+        self._over_blocks(blocks, run_blocks)
         loss_sum = math.fsum(block_sums)
         positives = job.positives if job.positives is not None else float(block_positives.sum())
-        if loss_out is None:
-            loss_out = np.asarray(reduced_loss(loss_sum, job.normalizer, job.elements, job.reduction), dtype)
-        return Result(loss=loss_out, grad=grad_out, elements=job.elements, positives=positives,
-                      loss_sum=loss_sum, compute_seconds=time.perf_counter() - started, backend=self.name)
+        return loss_sum, positives
 
     def _block(self, job: Job, r0: int, r1: int, width: int, scratch: _Scratch,
                outputs: tuple[np.ndarray | None, np.ndarray | None]) -> tuple[float, int]:
