@@ -221,6 +221,17 @@ def test_bad_dense_labels_are_reported_like_the_ufunc_pipeline(kernel, bad):
     assert errors[0] == errors[1] and errors[0][0][0] == "label" and f"flat index {CHUNK + 1}" in errors[0][0][1]
 
 
+def test_bool_label_bytes_other_than_one_are_true(kernel):
+    """A BOOL tensor's byte 2 is True, as NumPy reads it (and the ufunc pipeline computes it)."""
+    label = np.frombuffer(bytes([0, 1, 2, 255]), np.bool_)
+    job = _job(np.array([0.5, -0.5, 1.5, -2.0], np.float32), label, reduction="none", compute_grad=True)
+    got = compiled(kernel).run(job)
+    want = compiled(kernel).run(_job(job.logit, np.array([0, 1, 1, 1], np.uint8), reduction="none", compute_grad=True))
+    np.testing.assert_array_equal(got.loss, want.loss)
+    np.testing.assert_array_equal(got.grad, want.grad)
+    assert got.positives == 3
+
+
 def test_uint8_labels_above_one_are_refused(kernel):
     job = _job(np.zeros(4, np.float32), np.array([0, 1, 2, 1], np.uint8))
     with pytest.raises(RequestError) as info:

@@ -54,11 +54,12 @@ def dtype_name(dtype: int) -> str:
         return f"unknown DType {dtype}"
 
 
-def decode(tensor: pb.Tensor, field: str, allowed: tuple[int, ...]) -> np.ndarray:
+def decode(tensor: pb.Tensor, field: str, allowed: tuple[int, ...], data=None) -> np.ndarray:
     """The tensor's values as an ndarray of its shape: a read-only view of the bytes (bfloat16 widened).
 
     dtype, shape and byte length are checked before anything is allocated, so a message that declares
-    a huge shape with few bytes costs nothing.
+    a huge shape with few bytes costs nothing. `data`: the payload when it is held outside the message
+    (a bytes-like object; the server passes a view of the received request), else `tensor.data`.
     """
     if tensor.dtype not in allowed:
         names = ", ".join(pb.DType.Name(d) for d in allowed)
@@ -72,7 +73,8 @@ def decode(tensor: pb.Tensor, field: str, allowed: tuple[int, ...]) -> np.ndarra
     size = math.prod(shape)
     itemsize = NUMPY_DTYPES[tensor.dtype].itemsize
     nbytes = size * itemsize
-    data = tensor.data  # upb copies a bytes field on every read: read it exactly once
+    if data is None:
+        data = tensor.data  # upb copies a bytes field on every read: read it exactly once
     if len(data) != nbytes:
         raise TensorError(
             f"{field}.data",

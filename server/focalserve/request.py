@@ -84,8 +84,11 @@ class Limits:
     max_elements: int = 0  # 0: no limit beyond the message size
 
 
-def parse(request: pb.ComputeRequest, limits: Limits = Limits()) -> Job:
-    """Validates `request` (SPEC §1.6) and resolves its defaults. Raises RequestError."""
+def parse(request: pb.ComputeRequest, limits: Limits = Limits(), payloads: dict | None = None) -> Job:
+    """Validates `request` (SPEC §1.6) and resolves its defaults. Raises RequestError.
+
+    `payloads`: the tensors' data by field name where they are held outside the message (service.py reads
+    large requests without copying them); the message's own `data` otherwise."""
     label_format = _enum(request.label_format, _LABEL_FORMATS, "label_format", pb.LabelFormat)
     reduction = _enum(request.reduction, _REDUCTIONS, "reduction", pb.Reduction)
     if request.backend not in pb.Backend.values():
@@ -101,7 +104,7 @@ def parse(request: pb.ComputeRequest, limits: Limits = Limits()) -> Job:
     for field in ("logit", "label"):
         if not request.HasField(field):
             raise RequestError.invalid(field, "is required")
-    logit = _tensor(request.logit, "logit", LOGIT_DTYPES)
+    logit = _tensor(request.logit, "logit", LOGIT_DTYPES, payloads)
     if limits.max_elements and logit.size > limits.max_elements:
         raise RequestError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -114,7 +117,7 @@ def parse(request: pb.ComputeRequest, limits: Limits = Limits()) -> Job:
     if label_format == DENSE:
         if logit.ndim == 0:
             raise RequestError.invalid("logit.shape", "must have rank >= 1 for the dense form, got a scalar")
-        label = _tensor(request.label, "label", DENSE_LABEL_DTYPES)
+        label = _tensor(request.label, "label", DENSE_LABEL_DTYPES, payloads)
         if label.shape != logit.shape:
             raise RequestError.invalid(
                 "label.shape", f"{list(label.shape)} does not match logit.shape {list(logit.shape)}")
@@ -126,7 +129,7 @@ def parse(request: pb.ComputeRequest, limits: Limits = Limits()) -> Job:
             raise RequestError.invalid(
                 "logit.shape", f"must be [N, C] for the class-index form, got {list(logit.shape)}")
         rows, num_classes = logit.shape
-        label = _tensor(request.label, "label", CLASS_INDEX_LABEL_DTYPES)
+        label = _tensor(request.label, "label", CLASS_INDEX_LABEL_DTYPES, payloads)
         if label.shape != (rows, 1):
             raise RequestError.invalid("label.shape", f"must be [{rows}, 1] (logit is [N, C]), got {list(label.shape)}")
         label = label.reshape(rows)
@@ -135,7 +138,7 @@ def parse(request: pb.ComputeRequest, limits: Limits = Limits()) -> Job:
 
     grad_output = None
     if request.HasField("grad_output"):
-        grad_output = _grad_output(request.grad_output, reduction, logit)
+        grad_output = _grad_output(request.grad_output, reduction, logit, payloads)
     if reduction == "none":
         grad_scale = 1.0 / normalizer
     else:
@@ -179,9 +182,9 @@ def _enum(value: int, names: dict[int, str], field: str, enum_type) -> str:
         raise RequestError.invalid(field, f"unknown {enum_type.DESCRIPTOR.name} value {value}") from None
 
 
-def _tensor(tensor: pb.Tensor, field: str, allowed: tuple[int, ...]) -> np.ndarray:
+def _tensor(tensor: pb.Tensor, field: str, allowed: tuple[int, ...], payloads: dict | None = None) -> np.ndarray:
     try:
-        return decode(tensor, field, allowed)
+        return decode(tensor, field, allowed, data=payloads.get(field) if payloads else None)
     except TensorError as e:
         raise RequestError.invalid(e.field, e.reason) from None
 
@@ -224,8 +227,8 @@ def check_class_index_labels(label: np.ndarray, num_classes: int) -> int:
     return int(np.count_nonzero(label >= 1))
 
 
-def _grad_output(tensor: pb.Tensor, reduction: str, logit: np.ndarray) -> np.ndarray:
-    grad_output = _tensor(tensor, "grad_output", FLOAT_DTYPES)
+def _grad_output(tensor: pb.Tensor, reduction: str, logit: np.ndarray, payloads: dict | None) -> np.ndarray:
+    grad_output = _tensor(tensor, "grad_output", FLOAT_DTYPES, payloads)
     if reduction == "none":
         if grad_output.shape != logit.shape:
             raise RequestError.invalid(

@@ -23,7 +23,7 @@ from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 from focalserve_client.combine import normalized_loss
 from focalserve_client.tensor import length_delimited, tensor_field
 
-from . import __version__, metrics
+from . import __version__, metrics, wire
 from .backends import BackendSet
 from .errors import RequestError, internal_status
 from .request import LOGIT_DTYPES, Limits, parse
@@ -46,18 +46,19 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
 
     # ---- the work of one request, on a pool thread ----
 
-    def compute(self, request: pb.ComputeRequest, deadline: float | None = None) -> "Answer":
+    def compute(self, received: Received, deadline: float | None = None) -> "Answer":
         """The serialized ComputeResponse and its stats. Raises RequestError for a request the service
         refuses. `deadline`: time.monotonic() after which the caller has given up: the work is not started."""
-        if isinstance(request, Undecodable):
-            raise RequestError.invalid("request", f"is not a valid focalloss.v1.ComputeRequest ({request.reason})")
+        request = received.message
+        if request is None:
+            raise RequestError.invalid("request", f"is not a valid focalloss.v1.ComputeRequest ({received.error})")
         if deadline is not None and time.monotonic() >= deadline:
             metrics.REJECTED.labels("deadline").inc()
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, ("grpc-timeout", "the deadline passed before the work started"))
-        metrics.REQUEST_BYTES.observe(request.ByteSize())
+        metrics.REQUEST_BYTES.observe(received.size)
         with metrics.INFLIGHT.track_inprogress():
             try:
-                job = parse(request, self._limits)
+                job = parse(request, self._limits, received.payloads)
                 result = self._backends.run(job)
             except RequestError as e:
                 if e.reason == "nonfinite":
@@ -79,7 +80,7 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
             pieces += tensor_field(3, result.grad)
         return Answer(b"".join(pieces), stats)
 
-    def _compute_item(self, request: pb.ComputeRequest, deadline: float | None) -> "Answer":
+    def _compute_item(self, request: Received, deadline: float | None) -> "Answer":
         """A stream item: failures become the item's `error`, never the stream's end."""
         try:
             return self.compute(request, deadline)
@@ -89,17 +90,17 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
             error = internal_status(_log_internal(request.request_id))
         return Answer(pb.ComputeResponse(request_id=request.request_id, error=error).SerializeToString(), None)
 
-    async def _submit(self, request, deadline: float | None, item: bool = False) -> "Answer":
+    async def _submit(self, request: Received, deadline: float | None, item: bool = False) -> "Answer":
         """Small requests are computed right here on the event loop (well under a millisecond): the hop
         to a pool thread and back costs more than their work. Larger ones go to the pool."""
         work = self._compute_item if item else self.compute
-        if not isinstance(request, Undecodable) and request.ByteSize() <= INLINE_BYTES:
+        if request.size <= INLINE_BYTES:
             return work(request, deadline)
         return await asyncio.get_running_loop().run_in_executor(self._executor, work, request, deadline)
 
     # ---- RPCs ----
 
-    async def Compute(self, request: pb.ComputeRequest, context: grpc.aio.ServicerContext) -> bytes:
+    async def Compute(self, request: Received, context: grpc.aio.ServicerContext) -> bytes:
         try:
             answer = await self._submit(request, _deadline(context))
             return answer.response
@@ -156,19 +157,49 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-class Undecodable(NamedTuple):
-    """Request bytes that are not a ComputeRequest. Refused by the servicer with INVALID_ARGUMENT: a
-    deserializer that raised would make grpc answer UNKNOWN and end a whole stream."""
+class Received(NamedTuple):
+    """A request as the deserializer left it: the ComputeRequest, or None and why the bytes are not one
+    (refused by the servicer with INVALID_ARGUMENT: a deserializer that raised would make grpc answer
+    UNKNOWN and end a whole stream); its size on the wire, kept because upb's ByteSize() serializes the
+    whole message again (~3 ms for a 4M-element request); and, for a large request, its tensors' payloads
+    as views of the received bytes (wire.py), the message then holding everything else."""
 
-    reason: str
-    request_id: str = ""
+    message: pb.ComputeRequest | None
+    size: int
+    error: str = ""
+    payloads: dict | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.message.request_id if self.message is not None else ""
 
 
-def parse_request(data: bytes) -> "pb.ComputeRequest | Undecodable":
+# From this size a request's tensors are read in place (wire.py): below it protobuf's copies cost less
+# than finding the fields in Python.
+ZERO_COPY_BYTES = 64 * 1024
+
+
+def parse_request(data: bytes) -> Received:
+    """The request deserializer."""
+    return read_request(data, in_place=len(data) >= ZERO_COPY_BYTES)
+
+
+def read_request(data: bytes, in_place: bool) -> Received:
     try:
-        return pb.ComputeRequest.FromString(data)
+        parts = wire.split(data) if in_place else None
+        if parts is None:
+            return Received(pb.ComputeRequest.FromString(data), len(data))
+        rest, tensors = parts
+        message = pb.ComputeRequest.FromString(rest)
+        payloads = {}
+        for name, (header, payload) in tensors.items():
+            tensor = getattr(message, name)
+            tensor.SetInParent()
+            tensor.MergeFromString(header)
+            payloads[name] = payload if payload is not None else b""
+        return Received(message, len(data), payloads=payloads)
     except DecodeError as e:
-        return Undecodable(str(e)[:200])
+        return Received(None, len(data), str(e)[:200])
 
 
 class Answer(NamedTuple):

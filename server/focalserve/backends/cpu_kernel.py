@@ -42,14 +42,14 @@ class KernelCall:
     label: np.ndarray
     units: int            # elements (dense) or rows (class-index)
     block_units: int
-    classes: int          # 0 for the dense form
+    classes: int | None   # None for the dense form
     params: Params
     blocks: int
 
     def run(self, first: int, last: int, sums: np.ndarray) -> int:
         begin, end = first * self.block_units, min(last * self.block_units, self.units)
         pointers = (self.logit.ctypes.data, self.label.ctypes.data, begin, end)
-        if self.classes:
+        if self.classes is not None:
             return self.function(*pointers, self.classes, self.block_units, ctypes.byref(self.params), sums.ctypes.data)
         return self.function(*pointers, self.block_units, ctypes.byref(self.params), sums.ctypes.data)
 
@@ -98,10 +98,12 @@ class CpuKernel:
             label = job.label.reshape(-1)
             if label.dtype == np.bool_:
                 label = label.view(np.uint8)
+                if label.size and label.max() > 1:  # wire bytes other than 0/1 are True, as NumPy reads them
+                    label = np.not_equal(label, 0).view(np.uint8)
             elif label.dtype not in _SUFFIX:  # float16 labels: rare, converted whole
                 label = label.astype(dtype)
             label = np.ascontiguousarray(label)
-            classes, units, block_units = 0, logit.size, block_elements
+            classes, units, block_units = None, logit.size, block_elements
             function = self._functions[f"dense_{_SUFFIX[dtype]}_{_SUFFIX[label.dtype]}"]
         return KernelCall(function, logit, label, units, block_units, classes, params, -(-units // block_units))
 

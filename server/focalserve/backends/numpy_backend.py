@@ -227,7 +227,9 @@ class NumpyBackend:
 
     def _over_blocks(self, blocks: int, run_span) -> list:
         """run_span(first, last) over [0, blocks), in contiguous spans shared among the threads."""
-        if self._pool is None or blocks < 2:
+        if blocks == 0:
+            return []
+        if self._pool is None or blocks == 1:
             return [run_span(0, blocks)]
         step = -(-blocks // self.threads)
         futures = [self._pool.submit(run_span, i, min(i + step, blocks)) for i in range(0, blocks, step)]
