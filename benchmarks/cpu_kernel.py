@@ -1,4 +1,4 @@
-"""The NumPy backend against the machine's limits and other implementations, side by side in one run.
+"""The CPU backend against the machine's limits and other implementations, side by side in one run.
 
     make bench-cpu            # or: .venv-bench/bin/python benchmarks/cpu_kernel.py [--sizes 1M,16M,64M] [--write BENCHMARKS.md]
 
@@ -9,7 +9,8 @@ median of several runs, in M elements/s, of:
   naive NumPy     the formulas with whole-array temporaries
   PyTorch         torchvision's sigmoid_focal_loss composition + autograd (1 and 2 threads), if installed
   PaddlePaddle    paddle.nn.functional.sigmoid_focal_loss + autograd (1 and 2 threads), if installed
-  focalserve      the NumPy backend, 1 and 2 threads
+  focalserve      the CPU backend with its compiled kernel (the default), 1 and 2 threads
+  focalserve ufunc the same backend with its NumPy ufunc pipeline (--cpu-kernel ufunc), 1 and 2 threads
 Frameworks run in subprocesses so that their thread settings hold from import.
 """
 
@@ -76,12 +77,17 @@ def naive(x, y):
     return run
 
 
-def focalserve_backend(threads: int):
+def focalserve_backend(threads: int, compiled: bool = True):
     from focalserve import request as rq
-    from focalserve.backends import NumpyBackend
+    from focalserve.backends import NumpyBackend, cpu_kernel
     from focalserve_client.client import build_request
 
-    backend = NumpyBackend(threads=threads)
+    kernel = None
+    if compiled:
+        kernel, why_not = cpu_kernel.load()
+        if kernel is None:
+            raise SystemExit(f"the compiled kernel is not built: {why_not}")
+    backend = NumpyBackend(threads=threads, kernel=kernel)
 
     def make(x, y):
         job = rq.parse(build_request(x, y, reduction="sum", compute_grad=True))
@@ -161,7 +167,9 @@ def main() -> int:
 
     columns: dict[str, dict[int, float]] = {}
     local = [("copy floor", copy_floor), ("exp+log1p floor", transcendental_floor), ("naive NumPy", naive),
-             ("focalserve 1 thread", focalserve_backend(1)), ("focalserve 2 threads", focalserve_backend(2))]
+             ("focalserve 1 thread", focalserve_backend(1)), ("focalserve 2 threads", focalserve_backend(2)),
+             ("focalserve ufunc 1 thread", focalserve_backend(1, compiled=False)),
+             ("focalserve ufunc 2 threads", focalserve_backend(2, compiled=False))]
     for n in sizes:
         x, y = data(n)
         repeats = args.repeats if n <= (16 << 20) else max(3, args.repeats // 2)
@@ -199,6 +207,8 @@ def main() -> int:
     ratio("exp+log1p floor / 1 thread (target <= 6)", ours1, rate["exp+log1p floor"], invert=True)
     ratio("2 threads / 1 thread (target >= 1.7)", ours2, ours1)
     ratio("1 thread / copy floor", ours1, rate["copy floor"])
+    ratio("compiled / ufunc, 1 thread", ours1, rate["focalserve ufunc 1 thread"])
+    ratio("ufunc: 2 threads / 1 thread", rate["focalserve ufunc 2 threads"], rate["focalserve ufunc 1 thread"])
     emit(lines, args.write)
     return 0
 

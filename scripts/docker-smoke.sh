@@ -190,7 +190,10 @@ for _ in $(seq 1 120); do
 done
 [ "$health" = healthy ] || fail "container not healthy after 120 s (status: $health)"
 echo "    health: $health ($(docker inspect -f '{{with index .State.Health.Log 0}}{{.Output}}{{end}}' "$CONTAINER" | tr -d '\n'))"
-echo "    log: $(docker logs "$CONTAINER" 2>&1 | grep -m1 serving || true)"
+SERVING_LINE=$(docker logs "$CONTAINER" 2>&1 | grep -m1 serving || true)
+echo "    log: $SERVING_LINE"
+# the image must carry the compiled CPU kernel, not fall back to NumPy ufuncs
+case "$SERVING_LINE" in *cpu_kernel=compiled*) ;; *) fail "the image serves without its compiled CPU kernel" ;; esac
 
 # ---- 5. The README example through the Python client ------------------------------------------------------
 step "README example through focalserve_client"

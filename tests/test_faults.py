@@ -150,15 +150,17 @@ def test_deadline_expiring_mid_compute(boom):
         stub = pb_grpc.FocalLossServiceStub(channel)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as late:
-            stub.Compute(_request(10_000, request_id="slow-1", compute_grad=True), timeout=0.5)
+            # 800 KB: above service.INLINE_BYTES, so computed on a pool thread (the loop stays free)
+            stub.Compute(_request(100_000, request_id="slow-1", compute_grad=True), timeout=0.5)
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - started < 1.2, "the caller waited for the compute instead of its deadline"
         assert _sample(scrape(boom.metrics_port), "focalloss_inflight_requests") == 1  # still computing
         assert stub.Compute(SMALL, timeout=10).stats.elements == 64  # the other worker answers meanwhile
     _wait_for(lambda: _sample(scrape(boom.metrics_port), "focalloss_inflight_requests") == 0, 10,
               "the abandoned compute finished")
+    # the call is counted as handled when its handler returns, on the event loop, just after the compute
+    _wait_for(lambda: _calls_open(scrape(boom.metrics_port)) == 0, 10, "the abandoned call was counted")
     metrics = scrape(boom.metrics_port)
-    assert _calls_open(metrics) == 0
     assert _sample(metrics, "grpc_server_handled_total", grpc_method="Compute", grpc_code="DEADLINE_EXCEEDED") >= 1
     assert _serving(boom.target)
 
@@ -192,9 +194,17 @@ def test_client_killed_with_calls_in_flight(metered):
     child = subprocess.Popen([sys.executable, "-c", CHILD, metered.target], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "started"
-        # kill it once the server is working on its calls
-        _wait_for(lambda: _sample(scrape(metered.metrics_port), "focalloss_inflight_requests") >= 1, 30,
-                  "the child's calls reached the backend")
+        # kill it once the server has computed some of its work and still has calls open (its endless
+        # stream at least: the child never reads the answers, so flow control holds the stream open)
+        def working() -> bool:
+            now = scrape(metered.metrics_port)
+            stream_open = _sample(now, "grpc_server_started_total", grpc_method="ComputeStream") - \
+                _sample(now, "grpc_server_handled_total", grpc_method="ComputeStream")
+            stream_items = _sample(now, "grpc_server_msg_received_total", grpc_method="ComputeStream") - \
+                _sample(before, "grpc_server_msg_received_total", grpc_method="ComputeStream")
+            return stream_open >= 1 and stream_items >= 1 and _sample(now, "focalloss_elements_total") > \
+                _sample(before, "focalloss_elements_total")
+        _wait_for(working, 30, "the child's calls reached the backend")
         opened = _calls_open(scrape(metered.metrics_port))
     finally:
         child.send_signal(signal.SIGKILL)
@@ -209,6 +219,8 @@ def test_client_killed_with_calls_in_flight(metered):
     cancelled = _sample(after, "grpc_server_handled_total", grpc_service=SERVICE, grpc_code="CANCELLED") - \
         _sample(before, "grpc_server_handled_total", grpc_service=SERVICE, grpc_code="CANCELLED")
     assert cancelled >= 1, "the dead client's calls should end CANCELLED on the server"
+    assert _sample(after, "grpc_server_handled_total", grpc_service=SERVICE, grpc_code="UNKNOWN") == \
+        _sample(before, "grpc_server_handled_total", grpc_service=SERVICE, grpc_code="UNKNOWN")
     assert _serving(metered.target)
     assert _answers(metered.target).stats.elements == 64
     assert metered.process.poll() is None

@@ -74,7 +74,9 @@ def wrap_handler(handler: grpc.RpcMethodHandler, guard, on_message=None) -> grpc
 
 
 def _status_code(context, error: BaseException | None) -> grpc.StatusCode:
-    if isinstance(error, asyncio.CancelledError):
+    # GeneratorExit: grpc closed a streaming handler waiting in `yield` (its peer went away while flow
+    # control held an answer back), which is a cancellation too, not an unknown failure
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
         remaining = context.time_remaining()
         return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
             else grpc.StatusCode.CANCELLED

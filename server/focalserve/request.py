@@ -36,6 +36,7 @@ _LABEL_FORMATS = {
     pb.LABEL_FORMAT_DENSE: DENSE,
     pb.LABEL_FORMAT_CLASS_INDEX: CLASS_INDEX,
 }
+_BACKENDS = frozenset(pb.Backend.values())
 _REDUCTIONS = {
     pb.REDUCTION_UNSPECIFIED: "sum",
     pb.REDUCTION_NONE: "none",
@@ -91,7 +92,7 @@ def parse(request: pb.ComputeRequest, limits: Limits = Limits(), payloads: dict 
     large requests without copying them); the message's own `data` otherwise."""
     label_format = _enum(request.label_format, _LABEL_FORMATS, "label_format", pb.LabelFormat)
     reduction = _enum(request.reduction, _REDUCTIONS, "reduction", pb.Reduction)
-    if request.backend not in pb.Backend.values():
+    if request.backend not in _BACKENDS:
         raise RequestError.invalid("backend", f"unknown Backend value {request.backend}")
 
     alpha = request.alpha if request.HasField("alpha") else DEFAULT_ALPHA

@@ -30,9 +30,10 @@ from .request import LOGIT_DTYPES, Limits, parse
 
 log = logging.getLogger("focalserve")
 
-# Requests up to this size (about 3K float32 elements with uint8 labels, ~50 µs of work) skip the thread
-# pool, whose hop costs more than that; anything larger must not hold the event loop.
-INLINE_BYTES = 16 * 1024
+# Requests up to this size (~100K float32 elements with uint8 labels, a few hundred µs of work for the
+# compiled kernel, which still spreads it over the block threads) are computed right on the event loop:
+# the hop to a pool thread and back costs ~200 µs here. Anything larger must not hold the loop.
+INLINE_BYTES = 512 * 1024
 
 
 class FocalLossServicer(pb_grpc.FocalLossServiceServicer):

@@ -88,7 +88,7 @@ class CpuKernel:
             grad_output = np.ascontiguousarray(grad_output, dtype=dtype)
         params = Params(job.alpha, job.gamma, gamma_halves(job.gamma), int(check_finite), 1.0 / job.normalizer,
                         job.grad_scale, _pointer(loss_out), _pointer(grad_out), _pointer(grad_output))
-        params._keep = grad_output  # alive as long as the call is
+        params._keep = (loss_out, grad_out, grad_output)  # the arrays behind its pointers live as long as it
         if job.label_format == rq.CLASS_INDEX:
             rows, classes = job.logit.shape
             label = np.ascontiguousarray(job.label, dtype=np.int32)  # checked to lie in [-1, C]

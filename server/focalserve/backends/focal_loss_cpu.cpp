@@ -259,6 +259,22 @@ inline void focal_store(long long start, long long n, const Params& c, const dou
     }
 }
 
+// One chunk from start to finish: checks, loss and gradient, outputs. Returns the chunk's loss sum; adds
+// to flags and positives.
+template <typename T, typename L, Power P>
+inline double focal_chunk_through(const T* logit, const L* label, long long start, long long n, const Params& c,
+                                  double* loss, double* grad, unsigned& flags, long long& positives) {
+    flags |= chunk_flags(logit, label, n, c.check_finite != 0);
+    if (chunk_hard(label, n)) {
+        focal_chunk<T, L, P, true>(logit, label, n, c, loss, grad);
+    } else {
+        focal_chunk<T, L, P, false>(logit, label, n, c, loss, grad);
+    }
+    positives += chunk_positives(label, n);
+    focal_store<T>(start, n, c, loss, grad);
+    return chunk_sum(loss, n);
+}
+
 // Elements [begin, end) of a dense request, in blocks of `block` elements counted from 0: block k's loss
 // sum and positives go to sums[2k], sums[2k+1] (the caller adds the blocks in order, so the total does not
 // depend on how blocks were shared among threads). `begin` is a multiple of `block`.
@@ -274,15 +290,7 @@ unsigned focal_dense_span(const T* logit, const L* label, long long begin, long 
         long long positives = 0;
         for (long long s = b0; s < b1; s += kChunk) {
             const long long n = b1 - s < kChunk ? b1 - s : kChunk;
-            flags |= chunk_flags(logit + s, label + s, n, c.check_finite != 0);
-            if (chunk_hard(label + s, n)) {
-                focal_chunk<T, L, P, true>(logit + s, label + s, n, c, loss, grad);
-            } else {
-                focal_chunk<T, L, P, false>(logit + s, label + s, n, c, loss, grad);
-            }
-            positives += chunk_positives(label + s, n);
-            block_loss += chunk_sum(loss, n);
-            focal_store<T>(s, n, c, loss, grad);
+            block_loss += focal_chunk_through<T, L, P>(logit + s, label + s, s, n, c, loss, grad, flags, positives);
         }
         sums[2 * (b0 / block)] = block_loss;
         sums[2 * (b0 / block) + 1] = static_cast<double>(positives);
@@ -300,6 +308,7 @@ unsigned focal_class_index_span(const T* logit, const int32_t* label, long long 
     alignas(64) double grad[kChunk];
     alignas(64) float onehot[kChunk];
     unsigned flags = 0;
+    long long positives = 0;  // not reported: the caller counts them from the labels
     for (long long r0 = row_begin; r0 < row_end; r0 += block_rows) {
         const long long r1 = r0 + block_rows < row_end ? r0 + block_rows : row_end;
         double block_loss = 0.0;
@@ -319,10 +328,8 @@ unsigned focal_class_index_span(const T* logit, const int32_t* label, long long 
                     if (lab >= 1 && first + lab - 1 >= 0 && first + lab - 1 < n) onehot[first + lab - 1] = 1.0f;
                 }
                 const long long start = row * classes + col0;
-                focal_chunk<T, float, P, true>(logit + start, onehot, n, c, loss, grad);
-                flags |= chunk_flags(logit + start, onehot, n, c.check_finite != 0);
-                block_loss += chunk_sum(loss, n);
-                focal_store<T>(start, n, c, loss, grad);
+                block_loss += focal_chunk_through<T, float, P>(logit + start, onehot, start, n, c, loss, grad, flags,
+                                                               positives);
             }
             row += rows_in;
         }
