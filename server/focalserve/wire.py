@@ -5,8 +5,9 @@ new bytes object when the field is read (about 2.5 ms for a 4M-element request, 
 Here the Tensor fields are found by walking the request's top-level fields in the protobuf wire format
 (https://protobuf.dev/programming-guides/encoding/): each Tensor's `data` becomes a memoryview of the
 received bytes, and protobuf parses everything else, a few dozen bytes. Whatever is unusual (a Tensor
-field given twice, which protobuf would merge, a `data` field given twice, a group, a malformed length)
-returns None, and the caller parses the plain way, so the meaning of a message is always protobuf's own.
+field given twice, which protobuf would merge, a `data` field given twice, a group, a malformed length,
+more fields than a ComputeRequest has) returns None, and the caller parses the plain way, so the meaning
+of a message is always protobuf's own.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 # ComputeRequest's Tensor fields, and Tensor's data field (proto/focalloss/v1/focal_loss.proto)
 TENSOR_FIELDS = {2: "logit", 3: "label", 10: "grad_output"}
 TENSOR_DATA = 3
+# ComputeRequest has 11 fields; a Tensor 3, or 2 + one per dimension (at most 64) if its shape is not packed
+MOST_FIELDS, MOST_TENSOR_FIELDS = 32, 80
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 
 
@@ -35,9 +38,14 @@ def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
     raise _Unusual
 
 
-def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
-    """(number, wire type, start of the field, start of its value, end) of each field in buf[pos:end]."""
+def _fields(buf: bytes, pos: int, end: int, most: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(number, wire type, start of the field, start of its value, end) of each field in buf[pos:end];
+    more than `most` fields is unusual (a message padded with many small fields would otherwise cost a
+    Python loop turn each, on the event loop)."""
     while pos < end:
+        most -= 1
+        if most < 0:
+            raise _Unusual
         start = pos
         key, pos = _varint(buf, pos, end)
         wire = key & 7
@@ -64,7 +72,7 @@ def split(data: bytes) -> tuple[bytes, dict[str, tuple[bytes, memoryview | None]
     try:
         rest: list[bytes] = []
         tensors: dict[str, tuple[bytes, memoryview | None]] = {}
-        for number, wire, start, value, stop in _fields(data, 0, len(data)):
+        for number, wire, start, value, stop in _fields(data, 0, len(data), MOST_FIELDS):
             name = TENSOR_FIELDS.get(number)
             if name is None:
                 rest.append(data[start:stop])
@@ -73,7 +81,7 @@ def split(data: bytes) -> tuple[bytes, dict[str, tuple[bytes, memoryview | None]
                 return None
             header: list[bytes] = []
             payload = None
-            for inner, inner_wire, inner_start, inner_value, inner_stop in _fields(data, value, stop):
+            for inner, inner_wire, inner_start, inner_value, inner_stop in _fields(data, value, stop, MOST_TENSOR_FIELDS):
                 if inner != TENSOR_DATA:
                     header.append(data[inner_start:inner_stop])
                 elif inner_wire != _LENGTH_DELIMITED or payload is not None:
