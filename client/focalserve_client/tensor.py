@@ -118,21 +118,29 @@ def encode(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
 
 # ---- writing a Tensor field straight into a message's wire bytes (one copy of the payload) ----
 
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
+
+
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
-    while True:
-        byte = value & 0x7F
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
         value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+    out.append(value)
+    return bytes(out)
+
+
+_KEYS: dict[int, bytes] = {}
 
 
 def length_delimited(field_number: int, length: int) -> bytes:
     """The key and length that start a length-delimited field (wire type 2) of `length` bytes."""
-    return _varint(field_number << 3 | 2) + _varint(length)
+    key = _KEYS.get(field_number)
+    if key is None:
+        key = _KEYS[field_number] = _varint(field_number << 3 | 2)
+    return key + _varint(length)
 
 
 def tensor_field(field_number: int, array: np.ndarray) -> list:
@@ -143,7 +151,7 @@ def tensor_field(field_number: int, array: np.ndarray) -> list:
     """
     if not array.flags.c_contiguous:
         array = array.copy()  # (np.ascontiguousarray would turn a 0-d loss into shape [1])
-    dtype = _WIRE_DTYPES[array.dtype.newbyteorder("=")]
+    dtype = _WIRE_DTYPES.get(array.dtype) or _WIRE_DTYPES[array.dtype.newbyteorder("=")]
     header = pb.Tensor(dtype=dtype, shape=array.shape).SerializeToString()
     data_key = length_delimited(3, array.nbytes)
     body_length = len(header) + len(data_key) + array.nbytes

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,26 +31,25 @@ class Params(ctypes.Structure):
                 ("loss_out", ctypes.c_void_p), ("grad_out", ctypes.c_void_p), ("grad_output", ctypes.c_void_p)]
 
 
-@dataclass
 class KernelCall:
-    """One request prepared for the library: `run(first, last, sums)` computes blocks [first, last) and
-    writes their (loss, positives) pairs into sums[first:last]; it returns the kernel's flags."""
+    """One request prepared for the library: `run(first, last)` computes blocks [first, last), writes
+    their (loss, positives) pairs into `sums[first:last]` and returns the kernel's flags. The arrays
+    behind its pointers are held here, so they live as long as the call can run."""
 
-    function: ctypes._CFuncPtr
-    logit: np.ndarray
-    label: np.ndarray
-    units: int            # elements (dense) or rows (class-index)
-    block_units: int
-    classes: int | None   # None for the dense form
-    params: Params
-    blocks: int
+    def __init__(self, function, logit: np.ndarray, label: np.ndarray, units: int, block_units: int,
+                 classes: int | None, params: Params, outputs: tuple):
+        self.function = function
+        self.units, self.block_units = units, block_units      # elements (dense) or rows (class-index)
+        self.blocks = -(-units // block_units)
+        self.sums = np.zeros((self.blocks, 2), np.float64)
+        self._alive = (logit, label, params, outputs)
+        self._head = (logit.ctypes.data, label.ctypes.data)
+        per_block = (block_units,) if classes is None else (classes, block_units)
+        self._tail = (*per_block, ctypes.byref(params), self.sums.ctypes.data)
 
-    def run(self, first: int, last: int, sums: np.ndarray) -> int:
-        begin, end = first * self.block_units, min(last * self.block_units, self.units)
-        pointers = (self.logit.ctypes.data, self.label.ctypes.data, begin, end)
-        if self.classes is not None:
-            return self.function(*pointers, self.classes, self.block_units, ctypes.byref(self.params), sums.ctypes.data)
-        return self.function(*pointers, self.block_units, ctypes.byref(self.params), sums.ctypes.data)
+    def run(self, first: int, last: int) -> int:
+        return self.function(*self._head, first * self.block_units, min(last * self.block_units, self.units),
+                             *self._tail)
 
 
 class CpuKernel:
@@ -88,7 +86,6 @@ class CpuKernel:
             grad_output = np.ascontiguousarray(grad_output, dtype=dtype)
         params = Params(job.alpha, job.gamma, gamma_halves(job.gamma), int(check_finite), 1.0 / job.normalizer,
                         job.grad_scale, _pointer(loss_out), _pointer(grad_out), _pointer(grad_output))
-        params._keep = (loss_out, grad_out, grad_output)  # the arrays behind its pointers live as long as it
         if job.label_format == rq.CLASS_INDEX:
             rows, classes = job.logit.shape
             label = np.ascontiguousarray(job.label, dtype=np.int32)  # checked to lie in [-1, C]
@@ -105,7 +102,7 @@ class CpuKernel:
             label = np.ascontiguousarray(label)
             classes, units, block_units = None, logit.size, block_elements
             function = self._functions[f"dense_{_SUFFIX[dtype]}_{_SUFFIX[label.dtype]}"]
-        return KernelCall(function, logit, label, units, block_units, classes, params, -(-units // block_units))
+        return KernelCall(function, logit, label, units, block_units, classes, params, (loss_out, grad_out, grad_output))
 
 
 def _pointer(array: np.ndarray | None) -> int | None:

@@ -253,11 +253,10 @@ class NumpyBackend:
                       grad_out: np.ndarray | None) -> tuple[float, float]:
         call = self.kernel.prepare(job, loss_out, grad_out, check_finite=not self.allow_nonfinite,
                                    block_elements=self.block_elements)
-        sums = np.zeros((call.blocks, 2), np.float64)
         flags = 0
-        for span_flags in self._over_blocks(call.blocks, lambda first, last: call.run(first, last, sums)):
+        for span_flags in self._over_blocks(call.blocks, call.run):
             flags |= span_flags
-        return finish(job, sums, flags)
+        return finish(job, call.sums, flags)
 
     def _run_ufuncs(self, job: Job, loss_out: np.ndarray | None,
                     grad_out: np.ndarray | None) -> tuple[float, float]:
