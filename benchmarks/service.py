@@ -11,7 +11,8 @@ per element), unless said otherwise.
 1. large batches (4M, 16M elements): elements/s, median of several calls;
 2. small batches (1K, 64K): p50 / p99 latency over many calls;
 3. a ComputeStream of 64 batches of 256K against 64 sequential Compute calls;
-4. 1, 4 and 16 concurrent clients sending 1M-element batches: throughput and p99; also focalserve as
+4. 1, 4 and 16 concurrent clients sending 1M-element batches: throughput, p99, and the CPU the server
+   processes and this client process used (in cores: CPU seconds / wall seconds); also focalserve as
    2 processes sharing the port (--reuse-port), against 2 echo processes.
 """
 
@@ -62,18 +63,31 @@ class Servers:
 
     def __init__(self, processes: int = 1):
         self.procs = []
+        self.kinds: dict[str, list[subprocess.Popen]] = {"focalserve": [], "floor": []}
         self.focal_port, self.echo_port = free_port(), free_port()
         extra = ["--reuse-port"] if processes > 1 else []
         for _ in range(processes):
-            self.procs.append(subprocess.Popen(
+            self.kinds["focalserve"].append(subprocess.Popen(
                 [sys.executable, "-m", "focalserve", "--host", "127.0.0.1", "--port", str(self.focal_port),
                  "--metrics-port", "-1", "--backend", "cpu", "--max-concurrent-rpcs", "0", *extra],
                 env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            self.procs.append(subprocess.Popen([sys.executable, str(HERE / "echo_server.py"), str(self.echo_port), *extra],
-                                               env=ENV, stdout=subprocess.DEVNULL))
+            self.kinds["floor"].append(subprocess.Popen(
+                [sys.executable, str(HERE / "echo_server.py"), str(self.echo_port), *extra],
+                env=ENV, stdout=subprocess.DEVNULL))
+        self.procs = self.kinds["focalserve"] + self.kinds["floor"]
         wait_port(self.focal_port)
         wait_port(self.echo_port)
         time.sleep(2.0)  # focalserve warms up after binding
+
+    def cpu_seconds(self, kind: str) -> float:
+        """User + system CPU time so far of the server processes of `kind` (all their threads)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for p in self.kinds[kind]:
+            with open(f"/proc/{p.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        return total
 
     def close(self) -> None:
         for p in self.procs:
@@ -196,16 +210,21 @@ def bench_concurrency(servers_factory, clients_list, n, seconds, rows, label="")
                             latencies.extend(mine)
 
                 threads = [threading.Thread(target=client) for _ in range(clients)]
+                cpu_before, client_before = servers.cpu_seconds(name), sum(os.times()[:2])
                 started = time.monotonic()
                 for t in threads:
                     t.start()
                 for t in threads:
                     t.join()
                 elapsed = time.monotonic() - started
-                figures[name] = (len(latencies) * n / elapsed / 1e6, percentile(latencies, 99) * 1e3)
+                server_cores = (servers.cpu_seconds(name) - cpu_before) / elapsed
+                client_cores = (sum(os.times()[:2]) - client_before) / elapsed
+                figures[name] = (len(latencies) * n / elapsed / 1e6, percentile(latencies, 99) * 1e3,
+                                 server_cores, client_cores)
             f, e = figures["focalserve"], figures["floor"]
-            rows.append((f"{clients} concurrent clients x {n >> 20}M{label}", f"{f[0]:,.0f} M/s, p99 {f[1]:.0f} ms",
-                         f"{e[0]:,.0f} M/s, p99 {e[1]:.0f} ms",
+            rows.append((f"{clients} concurrent clients x {n >> 20}M{label}",
+                         f"{f[0]:,.0f} M/s, p99 {f[1]:.0f} ms, server {f[2]:.2f} / client {f[3]:.2f} cores",
+                         f"{e[0]:,.0f} M/s, p99 {e[1]:.0f} ms, server {e[2]:.2f} / client {e[3]:.2f} cores",
                          f"{f[0] / e[0]:.2f}" + (" (target >= 0.9 at 4)" if clients == 4 else "")))
     finally:
         servers.close()

@@ -251,3 +251,39 @@ def test_allowed_nonfinite_logits_leave_the_other_elements_alone(kernel, bad):
     np.testing.assert_array_equal(dirty.grad[others], clean.grad[others])
     if np.isnan(bad):
         assert np.isnan(dirty.loss[11]) and np.isnan(dirty.grad[11])
+
+
+def _at_offset(array: np.ndarray, offset: int) -> np.ndarray:
+    """A copy of `array` that starts `offset` bytes into a buffer: misaligned for its dtype."""
+    raw = np.frombuffer(bytearray(array.nbytes + offset), np.uint8)[offset:]
+    moved = raw.view(array.dtype).reshape(array.shape)
+    moved[...] = array
+    return moved
+
+
+@pytest.mark.parametrize("offset", [1, 3, 6])
+@pytest.mark.parametrize("dtype, label_dtype, form", [(np.float32, np.float32, "dense"), (np.float64, np.float32, "dense"),
+                                                      (np.float32, np.float64, "dense"), (np.float64, np.uint8, "dense"),
+                                                      (np.float32, np.int32, "class_index")])
+def test_misaligned_arrays_give_the_same_bits(kernel, offset, dtype, label_dtype, form):
+    """Tensors are views of the received message, at whatever byte offset protobuf put them."""
+    rng = np.random.default_rng(offset)
+    rows, classes = 3001, 7
+    logit = rng.normal(0, 4, (rows, classes)).astype(dtype)
+    if form == "dense":
+        label = (rng.random((rows, classes)) < 0.3).astype(label_dtype)
+        grad_output = rng.normal(size=(rows, classes)).astype(dtype)
+        job = _job(logit, label, reduction="none", compute_grad=True, grad_output=grad_output)
+    else:
+        label = rng.integers(-1, classes + 1, (rows, 1)).astype(label_dtype)
+        job = _job(logit, label, label_format="class_index", reduction="none", compute_grad=True)
+    aligned = compiled(kernel, block_elements=4096).run(job)
+    job.logit = _at_offset(job.logit, offset)
+    job.label = _at_offset(job.label, offset + 1)
+    if job.grad_output is not None:
+        job.grad_output = _at_offset(job.grad_output, offset + 2)
+    assert not job.logit.flags.aligned
+    moved = compiled(kernel, block_elements=4096).run(job)
+    np.testing.assert_array_equal(moved.loss, aligned.loss)
+    np.testing.assert_array_equal(moved.grad, aligned.grad)
+    assert moved.loss_sum == aligned.loss_sum

@@ -40,6 +40,16 @@ struct Params {
     const void* grad_output; // T[n] or null (reduction NONE only)
 };
 
+// Every read of the caller's arrays goes through load(): they are views of received message bytes, at
+// any byte offset, and a memcpy is the defined way to read a misaligned value (it compiles to the same
+// unaligned vector loads).
+template <typename T>
+inline T load(const T* p) {
+    T value;
+    __builtin_memcpy(&value, p, sizeof(T));
+    return value;
+}
+
 inline double bits_to_double(uint64_t bits) { return __builtin_bit_cast(double, bits); }
 inline uint64_t double_to_bits(double x) { return __builtin_bit_cast(uint64_t, x); }
 
@@ -150,8 +160,8 @@ inline void focal_chunk(const T* __restrict__ logit, const L* __restrict__ label
                         double* __restrict__ loss, double* __restrict__ grad) {
     const double alpha = c.alpha, gamma = c.gamma;
     for (long long i = 0; i < n; ++i) {
-        const double x = static_cast<double>(logit[i]);
-        const double raw_y = static_cast<double>(label[i]);
+        const double x = static_cast<double>(load(logit + i));
+        const double raw_y = static_cast<double>(load(label + i));
         const bool valid = (raw_y >= 0.0) & (raw_y <= 1.0);              // not -100, not NaN
         const double y = valid ? raw_y : 0.0;
         const double keep = valid ? 1.0 : 0.0;
@@ -193,11 +203,11 @@ template <typename T, typename L>
 inline unsigned chunk_flags(const T* __restrict__ logit, const L* __restrict__ label, long long n, bool check_finite) {
     unsigned bad_label = 0, nonfinite = 0;
     for (long long i = 0; i < n; ++i) {
-        const double y = static_cast<double>(label[i]);
+        const double y = static_cast<double>(load(label + i));
         bad_label |= ((y >= 0.0) & (y <= 1.0)) | (y == kIgnoreLabel) ? 0u : 1u;
     }
     if (check_finite) {
-        for (long long i = 0; i < n; ++i) nonfinite |= std::fabs(static_cast<double>(logit[i])) <= max_finite<T>() ? 0u : 1u;
+        for (long long i = 0; i < n; ++i) nonfinite |= std::fabs(static_cast<double>(load(logit + i))) <= max_finite<T>() ? 0u : 1u;
     }
     return (bad_label ? kFlagBadLabel : 0u) | (nonfinite ? kFlagNonfinite : 0u);
 }
@@ -209,7 +219,7 @@ inline bool chunk_hard(const L* __restrict__ label, long long n) {
     } else {
         unsigned soft = 0;
         for (long long i = 0; i < n; ++i) {
-            const double y = static_cast<double>(label[i]);
+            const double y = static_cast<double>(load(label + i));
             soft |= (y == 0.0) | (y == 1.0) | (y == kIgnoreLabel) ? 0u : 1u;
         }
         return soft == 0;
@@ -220,7 +230,7 @@ template <typename L>
 inline long long chunk_positives(const L* __restrict__ label, long long n) {
     long long positives = 0;
     for (long long i = 0; i < n; ++i) {
-        const double y = static_cast<double>(label[i]);
+        const double y = static_cast<double>(load(label + i));
         positives += (y > 0.5) & (y <= 1.0) ? 1 : 0;
     }
     return positives;
@@ -252,7 +262,7 @@ inline void focal_store(long long start, long long n, const Params& c, const dou
         const double scale = c.grad_scale;
         if (c.grad_output != nullptr) {
             const T* __restrict__ upstream = static_cast<const T*>(c.grad_output) + start;
-            for (long long i = 0; i < n; ++i) out[i] = static_cast<T>(grad[i] * scale * static_cast<double>(upstream[i]));
+            for (long long i = 0; i < n; ++i) out[i] = static_cast<T>(grad[i] * scale * static_cast<double>(load(upstream + i)));
         } else {
             for (long long i = 0; i < n; ++i) out[i] = static_cast<T>(grad[i] * scale);
         }
@@ -319,7 +329,7 @@ unsigned focal_class_index_span(const T* logit, const int32_t* label, long long 
             for (long long col0 = 0; col0 < width; col0 += kChunk) {
                 const long long n = width - col0 < kChunk ? width - col0 : kChunk;
                 for (long long k = 0; k < rows_in; ++k) {
-                    const int32_t lab = label[row + k];
+                    const int32_t lab = load(label + row + k);
                     const long long first = k * classes - col0;   // this row's column 0 in the chunk
                     const long long lo = first > 0 ? first : 0;
                     const long long hi = first + classes < n ? first + classes : n;
