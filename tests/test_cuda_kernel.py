@@ -95,9 +95,9 @@ def run_on_cpu(kernels, job: rq.Job):
     block_sums = np.zeros(2 * GRID, np.float64)
     flags = np.zeros(1, np.int32)
     c_scalar = ctypes.c_float if job.dtype == np.float32 else ctypes.c_double
-    alpha, gamma, halves, mode, loss_scale, grad_scale, check = p.scalars
-    common = [c_scalar(alpha), c_scalar(gamma), ctypes.c_int(halves), ctypes.c_uint(mode), c_scalar(loss_scale),
-              c_scalar(grad_scale), ctypes.c_int(check), _pointer(grad_output), _pointer(loss), _pointer(grad),
+    alpha, one_minus_alpha, gamma, halves, mode, loss_scale, grad_scale, check = p.scalars
+    common = [c_scalar(alpha), c_scalar(one_minus_alpha), c_scalar(gamma), ctypes.c_int(halves), ctypes.c_uint(mode),
+              c_scalar(loss_scale), c_scalar(grad_scale), ctypes.c_int(check), _pointer(grad_output), _pointer(loss), _pointer(grad),
               _pointer(block_sums), _pointer(flags)]
     if p.class_index:
         leading = [_pointer(logit), _pointer(p.label), ctypes.c_longlong(p.rows), ctypes.c_int(p.classes)]
@@ -187,6 +187,18 @@ def _assert_kernel_matches_numpy(kernels, job: rq.Job) -> None:
 def _atol(values: np.ndarray, job: rq.Job) -> float:
     eps = np.finfo(job.dtype).eps
     return 8 * eps * float(np.max(np.abs(values), initial=0.0)) + np.finfo(job.dtype).tiny
+
+
+def test_alpha_just_below_one_keeps_its_complement(kernels):
+    """Found by hypothesis: α = 1 - 2^-53 is 1.0f in float32, so 1-α formed in the kernel was 0 and the
+    loss of a negative 0 instead of (1-α)·softplus(x)."""
+    job = _job(np.array([3.0, -2.0], np.float32), np.array([0.0, 0.0], np.float32), alpha=0.9999999999999999,
+               gamma=0.0, reduction="none", compute_grad=True)
+    loss, grad, _, _ = run_on_cpu(kernels, job)
+    reference = NumpyBackend().run(job)
+    assert (loss > 0).all() and (grad > 0).all()
+    np.testing.assert_allclose(loss, reference.loss, rtol=2e-5)
+    np.testing.assert_allclose(grad, reference.grad, rtol=2e-5)
 
 
 @pytest.mark.parametrize("bad, field", [(np.nan, "logit"), (np.inf, "logit"), (-np.inf, "logit")])

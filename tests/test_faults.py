@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import ServerProcess, free_port, start_server
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
+from focalserve.service import INLINE_BYTES
 from focalserve_client import FocalLossClient
 from focalserve_client.client import build_request
 from test_operations import _sample, scrape
@@ -150,8 +151,8 @@ def test_deadline_expiring_mid_compute(boom):
         stub = pb_grpc.FocalLossServiceStub(channel)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as late:
-            # 800 KB: above service.INLINE_BYTES, so computed on a pool thread (the loop stays free)
-            stub.Compute(_request(100_000, request_id="slow-1", compute_grad=True), timeout=0.5)
+            # above service.INLINE_BYTES (8 bytes an element): computed on a pool thread, the loop stays free
+            stub.Compute(_request(INLINE_BYTES // 8 + 1000, request_id="slow-1", compute_grad=True), timeout=0.5)
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - started < 1.2, "the caller waited for the compute instead of its deadline"
         assert _sample(scrape(boom.metrics_port), "focalloss_inflight_requests") == 1  # still computing

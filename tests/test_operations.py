@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import EXPECTED_BACKEND, debian_tool, free_port, start_server
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
+from focalserve.service import INLINE_BYTES
 from focalserve_client.client import build_request
 
 SERVICE = "focalloss.v1.FocalLossService"
@@ -297,8 +298,9 @@ def test_work_whose_deadline_passed_in_the_queue_is_not_started(single_worker):
         # holds the one worker for ~0.7 s (γ = 0.3 takes pow(), the kernel's slowest path)
         busy = stub.Compute.future(_request(16_000_000, gamma=0.3), timeout=60)
         time.sleep(0.2)
-        with pytest.raises(grpc.RpcError) as late:  # 40 KB: queued for the pool, not computed inline
-            stub.Compute(_request(5000, seed=5), timeout=0.05)
+        # above service.INLINE_BYTES (8 bytes an element): queued for the pool, not computed on the loop
+        with pytest.raises(grpc.RpcError) as late:
+            stub.Compute(_request(INLINE_BYTES // 8 + 1000, seed=5), timeout=0.05)
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert busy.result().stats.elements == 16_000_000
         time.sleep(0.2)

@@ -32,7 +32,8 @@ class KernelPlan:
     """One launch: `kernel` over `elements`; `label` is the host label array in the kernel's label type.
 
     `scalars` are the common parameters in the kernel's order (after the form's own leading ones):
-    alpha, gamma, gamma_halves, mode, loss_scale, grad_scale, check_finite.
+    alpha, 1 - alpha (formed in double: α near 1 rounds to 1 in float32), gamma, gamma_halves, mode,
+    loss_scale, grad_scale, check_finite.
     """
 
     kernel: str
@@ -59,7 +60,8 @@ def plan(job: Job, check_finite: bool) -> KernelPlan:
     if job.compute_grad and job.grad_output is not None:
         mode |= GRAD_OUTPUT
     scalar = dtype.type
-    scalars = (scalar(job.alpha), scalar(job.gamma), np.int32(gamma_halves(job.gamma)), np.uint32(mode),
+    scalars = (scalar(job.alpha), scalar(1.0 - job.alpha), scalar(job.gamma), np.int32(gamma_halves(job.gamma)),
+               np.uint32(mode),
                scalar(1.0 / job.normalizer), scalar(job.grad_scale), np.int32(check_finite))
     if job.label_format == rq.CLASS_INDEX:
         rows, classes = job.logit.shape

@@ -54,8 +54,8 @@ __device__ __forceinline__ T focal_power(T q, T gamma, int gamma_halves) {
 
 // Loss and dloss/dx of one element, before normalizer, reduction and grad_output.
 template <typename T>
-__device__ __forceinline__ void focal_element(T x, T y, T alpha, T gamma, int gamma_halves, bool want_grad,
-                                              T* loss, T* grad) {
+__device__ __forceinline__ void focal_element(T x, T y, T alpha, T one_minus_alpha, T gamma, int gamma_halves,
+                                              bool want_grad, T* loss, T* grad) {
     typedef FocalMath<T> M;
     const T e = M::exp(-M::abs(x));               // exp(-|x|)
     const T r = T(1) / (e + T(1));                // 1/(1+e)
@@ -68,7 +68,9 @@ __device__ __forceinline__ void focal_element(T x, T y, T alpha, T gamma, int ga
     const T omp_y = omp * y;
     const T p_omy = p * omy;
     const T q = omp_y + p_omy;                    // 1 - p_t
-    T weight = alpha * y + (T(1) - alpha) * omy;  // α_t, a sum of non-negatives (exact for small α)
+    // α_t, a sum of non-negatives (exact for small α); 1-α comes from the host in double, since α close
+    // to 1 rounds to 1 in float
+    T weight = alpha * y + one_minus_alpha * omy;
     if (gamma != T(0)) weight *= focal_power(q, gamma, gamma_halves);
     *loss = weight * ce;
     if (!want_grad) return;
@@ -115,11 +117,13 @@ __device__ __forceinline__ void focal_store(long long i, T loss, T grad, unsigne
 
 // The parameters shared by both forms, also spelt out by the CPU check's launcher.
 #define FOCAL_COMMON_PARAMS(T) \
-    T alpha, T gamma, int gamma_halves, unsigned mode, T loss_scale, T grad_scale, int check_finite, \
+    T alpha, T one_minus_alpha, T gamma, int gamma_halves, unsigned mode, T loss_scale, T grad_scale, \
+    int check_finite, \
     const T* __restrict__ grad_output, T* __restrict__ loss_out, T* __restrict__ grad_out, \
     double* __restrict__ block_sums, int* __restrict__ flags
 #define FOCAL_COMMON_ARGS \
-    alpha, gamma, gamma_halves, mode, loss_scale, grad_scale, check_finite, grad_output, loss_out, grad_out, \
+    alpha, one_minus_alpha, gamma, gamma_halves, mode, loss_scale, grad_scale, check_finite, grad_output, \
+    loss_out, grad_out, \
     block_sums, flags
 
 #define FOCAL_DENSE_PARAMS(T, L) const T* __restrict__ logit, const L* __restrict__ label, long long n, \
@@ -148,7 +152,7 @@ __device__ __forceinline__ void focal_dense(FOCAL_DENSE_PARAMS(T, L)) {
             keep = T(0);
         }
         T loss, grad = T(0);
-        focal_element(x, y, alpha, gamma, gamma_halves, want_grad, &loss, &grad);
+        focal_element(x, y, alpha, one_minus_alpha, gamma, gamma_halves, want_grad, &loss, &grad);
         loss *= keep;
         grad *= keep;
         loss_sum += (double)loss;
@@ -175,7 +179,8 @@ __device__ __forceinline__ void focal_class_index(FOCAL_CLASS_INDEX_PARAMS(T)) {
         const T x = logit[i];
         if (check_finite && !(FocalMath<T>::abs(x) <= FocalMath<T>::max_finite())) flag |= FOCAL_FLAG_NONFINITE;
         T loss, grad = T(0);
-        focal_element(x, lab == column + 1 ? T(1) : T(0), alpha, gamma, gamma_halves, want_grad, &loss, &grad);
+        focal_element(x, lab == column + 1 ? T(1) : T(0), alpha, one_minus_alpha, gamma, gamma_halves, want_grad,
+                      &loss, &grad);
         if (lab == -1) {
             loss = T(0);
             grad = T(0);
