@@ -8,8 +8,8 @@
 // through ctypes, which releases the GIL for the whole call: two threads run two spans truly in parallel.
 //
 // exp and log1p are inlined polynomials below rather than libm calls, because a call stops the compiler
-// from vectorising the loop (a loop calling libm's scalar exp/log1p ran at ~60 M elements/s a core in
-// ../shared/PERFORMANCE.md; this one runs at 270-300). Both are within 2 units in the last place of a
+// from vectorising the loop (a loop calling libm's scalar exp/log1p was measured at ~60 M elements/s a
+// core on these machines; this one runs at 270-300). Both are within 2 units in the last place of a
 // double, checked against long double by tests/test_cpu_kernel.py over their whole domain.
 //
 // Built by setuptools as a plain shared library (server/setup.py); loaded by cpu_kernel.py. On x86-64 the
