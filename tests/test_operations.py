@@ -198,7 +198,8 @@ def test_real_prometheus_scrapes_grpc_codes_and_domain_counters(prometheus, know
 def test_sigterm_drains_a_stream_in_flight_then_exits_zero(tmp_path):
     srv = start_server(tmp_path, "--workers", "1", "--grace-seconds", "30")
     items = 24
-    request = _request(1_000_000, reduction="sum")  # small answers, real work
+    # small answers, real work: γ = 0.3 (pow(), ~40 ms an item here) keeps the stream in flight at SIGTERM
+    request = _request(1_000_000, reduction="sum", gamma=0.3)
     statuses: list[tuple[float, int]] = []
     results: list[pb.ComputeStreamResponse] = []
     first_result = threading.Event()
@@ -229,9 +230,12 @@ def test_sigterm_drains_a_stream_in_flight_then_exits_zero(tmp_path):
             with pytest.raises(grpc.RpcError) as refused:
                 pb_grpc.FocalLossServiceStub(fresh).GetServerInfo(pb.GetServerInfoRequest(), timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert len(results) < items, "the stream ended before SIGTERM: nothing was drained"
         streamer.join(60)
         done = time.monotonic()
         assert srv.process.wait(60) == 0
+        # the open health Watch (as clients with health checking keep) did not hold the exit for the 30 s grace
+        assert time.monotonic() - sigterm < 15, "the server waited out its grace period after its calls ended"
         watch.cancel()
         watcher.join(10)
     assert [m.WhichOneof("kind") for m in results] == ["result"] * items + ["summary"]
@@ -249,7 +253,9 @@ def test_overload_is_refused_with_resource_exhausted_and_recovers(tmp_path):
     metrics_port = free_port()
     srv = start_server(tmp_path, "--workers", "1", "--max-concurrent-rpcs", "2", "--metrics-port", str(metrics_port))
     try:
-        request = _request(4_000_000)  # SUM without gradient: small answers, real work
+        # SUM without gradient: small answers; γ = 0.3 takes pow(), the kernel's slowest path (~0.15 s a
+        # call here), so ten calls started together overlap for certain
+        request = _request(4_000_000, gamma=0.3)
         outcomes: list[object] = [None] * 10
 
         def call(i: int):

@@ -16,7 +16,8 @@ def test_server_info(stub):
     assert info.version == __version__
     assert list(info.backends) == BACKENDS
     assert info.default_backend == EXPECTED_BACKEND
-    assert len(info.devices) == 1 and info.devices[0].startswith("cpu (")
+    assert len(info.devices) == len(BACKENDS) and info.devices[0].startswith("cpu (")
+    assert info.devices[0].endswith("; compiled kernel)"), info.devices  # not the ufunc fallback
     assert list(info.logit_dtypes) == [pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16]
     assert info.max_message_bytes == 256 * 1024 * 1024
     assert info.max_elements == 0

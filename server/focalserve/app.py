@@ -180,7 +180,15 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     await health_servicer.enter_graceful_shutdown()
     if config.drain_delay_s > 0:
         await asyncio.sleep(config.drain_delay_s)  # still serving: balancers see NOT_SERVING and move away
-    await server.stop(config.grace_seconds)
+    stopped = asyncio.ensure_future(server.stop(config.grace_seconds))  # new calls refused from here
+    # Health Watch streams (clients' health checking) end only when cancelled and would hold the stop for
+    # the whole grace period: once this service's own calls are done, whatever is left is cancelled.
+    try:
+        await asyncio.wait_for(servicer.wait_idle(), config.grace_seconds)
+    except asyncio.TimeoutError:
+        pass
+    await server.stop(0)
+    await stopped
     log.info("drain: calls finished after %.2fs", time.monotonic() - started,
              extra={"fields": {"event": "drain_calls_done", "seconds": round(time.monotonic() - started, 3)}})
     executor.shutdown(wait=True)

@@ -44,6 +44,22 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
         self._limits = limits
         self._max_message_bytes = max_message_bytes
         self._stream_window = max(1, stream_window)
+        self._active = 0                # Compute and ComputeStream calls running (on the event loop only)
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Returns once no Compute or ComputeStream call is running (the drain waits for this)."""
+        await self._idle.wait()
+
+    def _enter(self) -> None:
+        self._active += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._active -= 1
+        if not self._active:
+            self._idle.set()
 
     # ---- the work of one request, on a pool thread ----
 
@@ -102,6 +118,7 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
     # ---- RPCs ----
 
     async def Compute(self, request: Received, context: grpc.aio.ServicerContext) -> bytes:
+        self._enter()
         try:
             answer = await self._submit(request, _deadline(context))
             return answer.response
@@ -109,8 +126,18 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
             await context.abort_with_status(rpc_status.to_status(e.to_status_proto()))
         except Exception:
             await context.abort(grpc.StatusCode.INTERNAL, _log_internal(request.request_id))
+        finally:
+            self._leave()
 
     async def ComputeStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        self._enter()
+        try:
+            async for response in self._stream(request_iterator, context):
+                yield response
+        finally:
+            self._leave()
+
+    async def _stream(self, request_iterator, context: grpc.aio.ServicerContext):
         deadline = _deadline(context)
         # Bounded: a client that sends faster than the server computes is held back by flow control.
         in_flight: asyncio.Queue = asyncio.Queue(maxsize=self._stream_window)

@@ -216,7 +216,8 @@ class NumpyBackend:
         return "compiled kernel" if self.kernel is not None else "NumPy ufuncs"
 
     def devices(self) -> list[str]:
-        return [f"cpu ({_cpu_model()})"]
+        # the engine too: a replica whose kernel did not build computes 2-4x slower, and says so here
+        return [f"cpu ({_cpu_model()}; {self.engine})"]
 
     def _scratch(self, dtype: np.dtype, elements: int) -> _Scratch:
         cache = self._local.__dict__.setdefault("scratch", {})
