@@ -119,6 +119,8 @@ def parse(request: pb.ComputeRequest, limits: Limits = Limits(), payloads: dict 
         if logit.ndim == 0:
             raise RequestError.invalid("logit.shape", "must have rank >= 1 for the dense form, got a scalar")
         label = _tensor(request.label, "label", DENSE_LABEL_DTYPES, payloads)
+        if label.dtype == np.bool_:
+            label = _canonical_bool(label)
         if label.shape != logit.shape:
             raise RequestError.invalid(
                 "label.shape", f"{list(label.shape)} does not match logit.shape {list(logit.shape)}")
@@ -188,6 +190,15 @@ def _tensor(tensor: pb.Tensor, field: str, allowed: tuple[int, ...], payloads: d
         return decode(tensor, field, allowed, data=payloads.get(field) if payloads else None)
     except TensorError as e:
         raise RequestError.invalid(e.field, e.reason) from None
+
+
+def _canonical_bool(label: np.ndarray) -> np.ndarray:
+    """BOOL labels as bytes 0/1. NumPy reads any other byte as True, but the compiled kernels read the
+    bytes themselves (as uint8) and would call a 2 a bad label: such bytes become 1 here, once."""
+    raw = label.view(np.uint8)
+    if raw.size and raw.max() > 1:
+        return np.not_equal(raw, 0)
+    return label
 
 
 def _dense_normalizer(request: pb.ComputeRequest, dtype: np.dtype) -> float:

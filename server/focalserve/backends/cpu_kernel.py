@@ -16,11 +16,10 @@ import numpy as np
 
 from .. import request as rq
 from ..request import Job
-from .kernel_host import gamma_halves
+from .kernel_host import SUFFIX, gamma_halves
 
 LIBRARY = "focalserve.backends._focal_loss_cpu"
 LIBRARY_SOURCE = Path(__file__).with_name("focal_loss_cpu.cpp")
-_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64", np.dtype(np.uint8): "u8"}
 
 
 class Params(ctypes.Structure):
@@ -90,18 +89,16 @@ class CpuKernel:
             rows, classes = job.logit.shape
             label = np.ascontiguousarray(job.label, dtype=np.int32)  # checked to lie in [-1, C]
             units, block_units = (rows if classes else 0), max(1, block_elements // max(classes, 1))
-            function = self._functions[f"class_index_{_SUFFIX[dtype]}"]
+            function = self._functions[f"class_index_{SUFFIX[dtype]}"]
         else:
             label = job.label.reshape(-1)
             if label.dtype == np.bool_:
-                label = label.view(np.uint8)
-                if label.size and label.max() > 1:  # wire bytes other than 0/1 are True, as NumPy reads them
-                    label = np.not_equal(label, 0).view(np.uint8)
-            elif label.dtype not in _SUFFIX:  # float16 labels: rare, converted whole
+                label = label.view(np.uint8)  # 0/1 bytes (request.parse)
+            elif label.dtype not in SUFFIX:  # float16 labels: rare, converted whole
                 label = label.astype(dtype)
             label = np.ascontiguousarray(label)
             classes, units, block_units = None, logit.size, block_elements
-            function = self._functions[f"dense_{_SUFFIX[dtype]}_{_SUFFIX[label.dtype]}"]
+            function = self._functions[f"dense_{SUFFIX[dtype]}_{SUFFIX[label.dtype]}"]
         return KernelCall(function, logit, label, units, block_units, classes, params, (loss_out, grad_out, grad_output))
 
 

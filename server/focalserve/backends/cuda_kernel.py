@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import request as rq
 from ..request import Job
-from .kernel_host import FLAG_BAD_LABEL, FLAG_NONFINITE, finish, gamma_halves  # noqa: F401 (the CuPy side uses them)
+from .kernel_host import FLAG_BAD_LABEL, FLAG_NONFINITE, SUFFIX, finish, gamma_halves  # noqa: F401 (the CuPy side uses them)
 
 SOURCE = Path(__file__).with_name("focal_loss.cu")
 KERNELS = ("focal_dense_f32_f32", "focal_dense_f32_u8", "focal_dense_f64_f64", "focal_dense_f64_u8",
@@ -23,8 +23,6 @@ KERNELS = ("focal_dense_f32_f32", "focal_dense_f32_u8", "focal_dense_f64_f64", "
 
 BLOCK = 256  # FOCAL_BLOCK in the .cu
 WRITE_LOSS, WRITE_GRAD, GRAD_OUTPUT = 1, 2, 4
-
-_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
 
 @dataclass
@@ -55,7 +53,7 @@ class KernelPlan:
 
 def plan(job: Job, check_finite: bool) -> KernelPlan:
     dtype = job.dtype
-    suffix = _SUFFIX[dtype]
+    suffix = SUFFIX[dtype]
     mode = (WRITE_LOSS if job.reduction == "none" else 0) | (WRITE_GRAD if job.compute_grad else 0)
     if job.compute_grad and job.grad_output is not None:
         mode |= GRAD_OUTPUT

@@ -11,10 +11,12 @@ from .. import request as rq
 from ..request import Job
 
 FLAG_NONFINITE, FLAG_BAD_LABEL = 1, 2
+# the dtype part of the kernels' entry-point names
+SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64", np.dtype(np.uint8): "u8"}
 
 
 def gamma_halves(gamma: float) -> int:
-    """2γ when γ is a multiple of 0.5 up to 8 (the kernels then multiply, as the NumPy backend does), else -1."""
+    """2γ when γ is a multiple of 0.5 up to 8 (every backend then multiplies instead of calling pow), else -1."""
     twice = 2.0 * gamma
     return int(twice) if gamma <= 8.0 and twice == int(twice) else -1
 

@@ -41,7 +41,7 @@ from .. import request as rq
 from ..request import Job
 from .base import Result
 from .cpu_kernel import CpuKernel
-from .kernel_host import finish
+from .kernel_host import finish, gamma_halves
 
 # One thread: 32K-element blocks keep every buffer in L2. Several threads: each ufunc call releases and
 # retakes the GIL, so blocks must be large enough (128K) that the handoffs cost little next to the work.
@@ -78,10 +78,10 @@ class _Scratch:
 def _power(q: np.ndarray, gamma: float, out: np.ndarray) -> np.ndarray:
     """q**gamma, by multiplication for the common integer and half-integer γ (faster and exact-er than pow).
     γ = 2 is one pass (q·q); callers skip γ = 0."""
-    twice = 2.0 * gamma
-    if gamma <= 8.0 and twice == int(twice):
-        whole = int(gamma)
-        if twice % 2:
+    halves = gamma_halves(gamma)
+    if halves >= 0:
+        whole = halves // 2
+        if halves % 2:
             np.sqrt(q, out=out)
         elif whole >= 2:
             np.multiply(q, q, out=out)
