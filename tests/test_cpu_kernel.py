@@ -287,3 +287,14 @@ def test_misaligned_arrays_give_the_same_bits(kernel, offset, dtype, label_dtype
     np.testing.assert_array_equal(moved.loss, aligned.loss)
     np.testing.assert_array_equal(moved.grad, aligned.grad)
     assert moved.loss_sum == aligned.loss_sum
+
+
+def test_float64_labels_count_as_their_float32_value_with_float32_logits(kernel):
+    """Found by hypothesis (test_properties): the kernel used a float64 label as sent, the other backends
+    round it to the compute dtype first; near 1, 1-y then differed by 1e-4 relative."""
+    label = np.array([0.99999, 0.5000000001, 1e-9, 1.0 - 1e-12])
+    job = _job(np.array([7.0, 0.0, -3.0, 2.0], np.float32), label, reduction="none", compute_grad=True)
+    got, want = compiled(kernel).run(job), NumpyBackend().run(job)
+    np.testing.assert_allclose(got.loss, want.loss, rtol=2e-6)
+    np.testing.assert_allclose(got.grad, want.grad, rtol=2e-6)
+    assert got.positives == want.positives == 2  # 0.5000000001 is 0.5 in float32: not positive

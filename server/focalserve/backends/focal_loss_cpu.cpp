@@ -149,6 +149,10 @@ inline double focal_power(double q, const Params& c) {
     }
 }
 
+// A value as the compute dtype T holds it (a float64 label rounded to float for float32 logits).
+template <typename T>
+inline double compute_value(double value) { return static_cast<double>(static_cast<T>(value)); }
+
 template <typename T>
 constexpr double max_finite() { return sizeof(T) == 4 ? 3.4028234663852886e38 : 1.7976931348623157e308; }
 
@@ -163,7 +167,9 @@ inline void focal_chunk(const T* __restrict__ logit, const L* __restrict__ label
         const double x = static_cast<double>(load(logit + i));
         const double raw_y = static_cast<double>(load(label + i));
         const bool valid = (raw_y >= 0.0) & (raw_y <= 1.0);              // not -100, not NaN
-        const double y = valid ? raw_y : 0.0;
+        // a label counts as its value in the compute dtype, as in the other backends (float64 labels
+        // with float32 logits are rounded to float32 first)
+        const double y = valid ? compute_value<T>(raw_y) : 0.0;
         const double keep = valid ? 1.0 : 0.0;
 
         const double e = exp_nonpositive(-std::fabs(x));               // exp(-|x|)
@@ -196,44 +202,33 @@ inline void focal_chunk(const T* __restrict__ logit, const L* __restrict__ label
     }
 }
 
-// The checks and counts of a chunk, as separate passes over data already in L1 (branch-free, so they
-// vectorise too): bits of kFlag* for bad values, whether every label is 0, 1 or ignored, the number of
-// positive labels, the loss sum.
+// What one pass over a chunk's labels (already in L1, branch-free so that it vectorises) tells.
+struct ChunkLabels {
+    bool bad;             // a label outside [0, 1] and not -100
+    bool hard;            // every label 0, 1 or -100: the cheaper quotient applies
+    long long positives;  // labels > 0.5
+};
+
 template <typename T, typename L>
-inline unsigned chunk_flags(const T* __restrict__ logit, const L* __restrict__ label, long long n, bool check_finite) {
-    unsigned bad_label = 0, nonfinite = 0;
-    for (long long i = 0; i < n; ++i) {
-        const double y = static_cast<double>(load(label + i));
-        bad_label |= ((y >= 0.0) & (y <= 1.0)) | (y == kIgnoreLabel) ? 0u : 1u;
-    }
-    if (check_finite) {
-        for (long long i = 0; i < n; ++i) nonfinite |= std::fabs(static_cast<double>(load(logit + i))) <= max_finite<T>() ? 0u : 1u;
-    }
-    return (bad_label ? kFlagBadLabel : 0u) | (nonfinite ? kFlagNonfinite : 0u);
-}
-
-template <typename L>
-inline bool chunk_hard(const L* __restrict__ label, long long n) {
-    if constexpr (sizeof(L) == 1) {
-        return true;  // uint8 labels are checked to be 0 or 1
-    } else {
-        unsigned soft = 0;
-        for (long long i = 0; i < n; ++i) {
-            const double y = static_cast<double>(load(label + i));
-            soft |= (y == 0.0) | (y == 1.0) | (y == kIgnoreLabel) ? 0u : 1u;
-        }
-        return soft == 0;
-    }
-}
-
-template <typename L>
-inline long long chunk_positives(const L* __restrict__ label, long long n) {
+inline ChunkLabels chunk_labels(const L* __restrict__ label, long long n) {
+    unsigned bad = 0, soft = 0;
     long long positives = 0;
     for (long long i = 0; i < n; ++i) {
-        const double y = static_cast<double>(load(label + i));
-        positives += (y > 0.5) & (y <= 1.0) ? 1 : 0;
+        const double raw = static_cast<double>(load(label + i));  // checked as sent
+        const double y = compute_value<T>(raw);                      // counted as computed
+        const bool ignored = raw == kIgnoreLabel;
+        bad |= ((raw >= 0.0) & (raw <= 1.0)) | ignored ? 0u : 1u;
+        soft |= (y == 0.0) | (y == 1.0) | ignored ? 0u : 1u;
+        positives += (y > 0.5) & (raw <= 1.0) ? 1 : 0;
     }
-    return positives;
+    return {bad != 0, soft == 0, positives};
+}
+
+template <typename T>
+inline bool chunk_finite(const T* __restrict__ logit, long long n) {
+    unsigned nonfinite = 0;
+    for (long long i = 0; i < n; ++i) nonfinite |= std::fabs(static_cast<double>(load(logit + i))) <= max_finite<T>() ? 0u : 1u;
+    return nonfinite == 0;
 }
 
 // Eight interleaved partial sums in a fixed order: vectorisable without -ffast-math, and the same result
@@ -274,13 +269,14 @@ inline void focal_store(long long start, long long n, const Params& c, const dou
 template <typename T, typename L, Power P>
 inline double focal_chunk_through(const T* logit, const L* label, long long start, long long n, const Params& c,
                                   double* loss, double* grad, unsigned& flags, long long& positives) {
-    flags |= chunk_flags(logit, label, n, c.check_finite != 0);
-    if (chunk_hard(label, n)) {
+    const ChunkLabels labels = chunk_labels<T>(label, n);
+    flags |= (labels.bad ? kFlagBadLabel : 0u) | (c.check_finite && !chunk_finite(logit, n) ? kFlagNonfinite : 0u);
+    if (labels.hard) {
         focal_chunk<T, L, P, true>(logit, label, n, c, loss, grad);
     } else {
         focal_chunk<T, L, P, false>(logit, label, n, c, loss, grad);
     }
-    positives += chunk_positives(label, n);
+    positives += labels.positives;
     focal_store<T>(start, n, c, loss, grad);
     return chunk_sum(loss, n);
 }
