@@ -8,12 +8,16 @@ The floor (benchmarks/echo_server.py) receives the same request bytes and answer
 focalserve's answer has. Work: float32 logits, uint8 binary labels, SUM with gradient (5 B in, 4 B out
 per element), unless said otherwise.
 
-1. large batches (4M, 16M elements): elements/s, median of several calls;
+1. large batches (4M, 16M elements): elements/s, median of the rounds' calls;
 2. small batches (1K, 64K): p50 / p99 latency over many calls;
-3. a ComputeStream of 64 batches of 256K against 64 sequential Compute calls;
+3. a ComputeStream of 64 batches of 256K against 64 sequential Compute calls, and the same for the floor
+   (its own stream / sequential gain is what the transport allows);
 4. 1, 4 and 16 concurrent clients sending 1M-element batches: throughput, p99, and the CPU the server
    processes and this client process used (in cores: CPU seconds / wall seconds); also focalserve as
    2 processes sharing the port (--reuse-port), against 2 echo processes.
+
+Every measurement runs in rounds (--rounds, default 5), focalserve and the floor back to back in each
+round; a ratio is the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -129,8 +133,9 @@ def payload(name: str, work: Workload) -> bytes:
     return work.focal if name == "focalserve" else work.echo
 
 
-def timed_calls(call, request: bytes, count: int) -> list[float]:
-    call(request, timeout=120)  # warm
+def timed_calls(call, request: bytes, count: int, warm: bool = True) -> list[float]:
+    if warm:
+        call(request, timeout=120)
     times = []
     for _ in range(count):
         started = time.perf_counter()
@@ -143,89 +148,132 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def bench_large(ts, sizes, repeats, rows):
+def median_ratio(pairs: list[tuple[float, float]]) -> float:
+    """The median over rounds of focalserve / floor, each round's pair measured back to back."""
+    return statistics.median(f / e for f, e in pairs)
+
+
+# On a shared VM the machine's speed drifts by 2x within minutes (the floor's own stream rate ranged from
+# 114 to 239 M/s between runs): every measurement runs in `rounds`, focalserve and the floor back to back
+# in each, and a ratio is the median of the rounds' ratios, so drift hits both sides alike.
+
+def bench_large(ts, sizes, rounds, rows):
     for n in sizes:
         work = Workload(n)
-        rate = {name: n / statistics.median(timed_calls(t.unary, payload(name, work), repeats)) / 1e6
-                for name, t in ts.items()}
+        seconds = {name: [] for name in ts}
+        for name, t in ts.items():
+            t.unary(payload(name, work), timeout=120)  # warm
+        for _ in range(rounds):
+            for name, t in ts.items():
+                seconds[name] += timed_calls(t.unary, payload(name, work), 1, warm=False)
+        rate = {name: n / statistics.median(v) / 1e6 for name, v in seconds.items()}
+        # elements/s of focalserve / of the floor = the floor's seconds / focalserve's
+        ratio = median_ratio(list(zip(seconds["floor"], seconds["focalserve"])))
         rows.append((f"unary {n >> 20}M elements, SUM+grad", f"{rate['focalserve']:,.0f} M/s",
-                     f"{rate['floor']:,.0f} M/s", f"{rate['focalserve'] / rate['floor']:.2f} (target >= 0.75)"))
+                     f"{rate['floor']:,.0f} M/s", f"{ratio:.2f} (target >= 0.75)"))
 
 
-def bench_small(ts, sizes, count, rows):
+def bench_small(ts, sizes, count, rounds, rows):
     for n in sizes:
         work = Workload(n)
-        lat = {name: timed_calls(t.unary, payload(name, work), count) for name, t in ts.items()}
+        lat = {name: [] for name in ts}
+        p50_pairs = []
+        for _ in range(rounds):
+            this_round = {name: timed_calls(t.unary, payload(name, work), count // rounds) for name, t in ts.items()}
+            for name, v in this_round.items():
+                lat[name] += v
+            p50_pairs.append(tuple(percentile(this_round[name], 50) for name in ("focalserve", "floor")))
         p50 = {k: percentile(v, 50) * 1e3 for k, v in lat.items()}
         p99 = {k: percentile(v, 99) * 1e3 for k, v in lat.items()}
         label = f"{n >> 10}K" if n < (1 << 20) else f"{n >> 20}M"
         rows.append((f"unary {label} elements, p50 / p99", f"{p50['focalserve']:.2f} / {p99['focalserve']:.2f} ms",
                      f"{p50['floor']:.2f} / {p99['floor']:.2f} ms",
-                     f"p50 {p50['focalserve'] / p50['floor']:.2f} (target <= 1.2)"))
+                     f"p50 {median_ratio(p50_pairs):.2f} (target <= 1.2)"))
 
 
-def bench_stream(ts, items, n, rows):
+def bench_stream(ts, items, n, rounds, rows):
+    """One ComputeStream of `items` batches against as many sequential calls, for both servers."""
     work = Workload(n)
-    results = {}
+    rates = {(name, kind): [] for name in ts for kind in ("stream", "sequential")}
     for name, t in ts.items():
-        request = payload(name, work)
-        list(t.stream(iter([request] * 4), timeout=120))  # warm
-        started = time.perf_counter()
-        list(t.stream(iter([request] * items), timeout=300))
-        stream_rate = items * n / (time.perf_counter() - started) / 1e6
-        started = time.perf_counter()
-        for _ in range(items):
-            t.unary(request, timeout=120)
-        results[name] = (stream_rate, items * n / (time.perf_counter() - started) / 1e6)
-    f, e = results["focalserve"], results["floor"]
-    rows.append((f"ComputeStream {items} x {n >> 10}K", f"{f[0]:,.0f} M/s", f"{e[0]:,.0f} M/s",
-                 f"{f[0] / e[0]:.2f} of the floor (target >= 0.9)"))
-    rows.append((f"{items} sequential Compute x {n >> 10}K", f"{f[1]:,.0f} M/s", f"{e[1]:,.0f} M/s",
-                 f"stream / sequential {f[0] / f[1]:.2f} (target >= 1.5)"))
+        list(t.stream(iter([payload(name, work)] * 4), timeout=120))  # warm
+    for _ in range(rounds):
+        for name, t in ts.items():
+            request = payload(name, work)
+            started = time.perf_counter()
+            list(t.stream(iter([request] * items), timeout=300))
+            rates[name, "stream"].append(items * n / (time.perf_counter() - started) / 1e6)
+            started = time.perf_counter()
+            for _ in range(items):
+                t.unary(request, timeout=120)
+            rates[name, "sequential"].append(items * n / (time.perf_counter() - started) / 1e6)
+    rate = {key: statistics.median(v) for key, v in rates.items()}
+    of_floor = median_ratio(list(zip(rates["focalserve", "stream"], rates["floor", "stream"])))
+    gain = {name: median_ratio(list(zip(rates[name, "stream"], rates[name, "sequential"]))) for name in ts}
+    rows.append((f"ComputeStream {items} x {n >> 10}K", f"{rate['focalserve', 'stream']:,.0f} M/s",
+                 f"{rate['floor', 'stream']:,.0f} M/s", f"{of_floor:.2f} of the floor (target >= 0.9)"))
+    rows.append((f"{items} sequential Compute x {n >> 10}K", f"{rate['focalserve', 'sequential']:,.0f} M/s",
+                 f"{rate['floor', 'sequential']:,.0f} M/s",
+                 f"stream / sequential {gain['focalserve']:.2f} (target >= 1.5; the floor's own: {gain['floor']:.2f})"))
 
 
-def bench_concurrency(servers_factory, clients_list, n, seconds, rows, label=""):
+def load(port: int, method: str, request: bytes, clients: int, seconds: float) -> tuple[list[float], float]:
+    """`clients` threads, each on its own channel, calling back to back for `seconds`: (latencies, elapsed)."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client():
+        with grpc.insecure_channel(f"127.0.0.1:{port}", OPTIONS) as channel:
+            call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            call(request, timeout=120)
+            mine = []
+            while time.monotonic() < stop:
+                started = time.perf_counter()
+                call(request, timeout=120)
+                mine.append(time.perf_counter() - started)
+            with lock:
+                latencies.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, time.monotonic() - started
+
+
+def bench_concurrency(servers_factory, clients_list, n, seconds, rounds, rows, label=""):
     servers = servers_factory()
+    endpoints = {"focalserve": (servers.focal_port, "/focalloss.v1.FocalLossService/Compute"),
+                 "floor": (servers.echo_port, "/bench.Echo/Unary")}
     try:
         work = Workload(n)
         for clients in clients_list:
-            figures = {}
-            for name, port, method in (("focalserve", servers.focal_port, "/focalloss.v1.FocalLossService/Compute"),
-                                       ("floor", servers.echo_port, "/bench.Echo/Unary")):
-                request = payload(name, work)
-                latencies: list[float] = []
-                lock = threading.Lock()
-                stop = time.monotonic() + seconds
-
-                def client():
-                    with grpc.insecure_channel(f"127.0.0.1:{port}", OPTIONS) as channel:
-                        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
-                        call(request, timeout=120)
-                        mine = []
-                        while time.monotonic() < stop:
-                            started = time.perf_counter()
-                            call(request, timeout=120)
-                            mine.append(time.perf_counter() - started)
-                        with lock:
-                            latencies.extend(mine)
-
-                threads = [threading.Thread(target=client) for _ in range(clients)]
-                cpu_before, client_before = servers.cpu_seconds(name), sum(os.times()[:2])
-                started = time.monotonic()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                elapsed = time.monotonic() - started
-                server_cores = (servers.cpu_seconds(name) - cpu_before) / elapsed
-                client_cores = (sum(os.times()[:2]) - client_before) / elapsed
-                figures[name] = (len(latencies) * n / elapsed / 1e6, percentile(latencies, 99) * 1e3,
-                                 server_cores, client_cores)
+            latencies = {name: [] for name in endpoints}
+            totals = {name: [0.0, 0.0, 0.0, 0] for name in endpoints}  # wall, server CPU, client CPU, calls
+            rates = {name: [] for name in endpoints}
+            for _ in range(rounds):
+                for name, (port, method) in endpoints.items():
+                    cpu_before, client_before = servers.cpu_seconds(name), sum(os.times()[:2])
+                    done, elapsed = load(port, method, payload(name, work), clients, seconds / rounds)
+                    total = totals[name]
+                    total[0] += elapsed
+                    total[1] += servers.cpu_seconds(name) - cpu_before
+                    total[2] += sum(os.times()[:2]) - client_before
+                    total[3] += len(done)
+                    latencies[name] += done
+                    rates[name].append(len(done) * n / elapsed / 1e6)
+            figures = {name: (statistics.median(rates[name]), percentile(latencies[name], 99) * 1e3,
+                              totals[name][1] / totals[name][0], totals[name][2] / totals[name][0])
+                       for name in endpoints}
+            ratio = median_ratio(list(zip(rates["focalserve"], rates["floor"])))
             f, e = figures["focalserve"], figures["floor"]
             rows.append((f"{clients} concurrent clients x {n >> 20}M{label}",
                          f"{f[0]:,.0f} M/s, p99 {f[1]:.0f} ms, server {f[2]:.2f} / client {f[3]:.2f} cores",
                          f"{e[0]:,.0f} M/s, p99 {e[1]:.0f} ms, server {e[2]:.2f} / client {e[3]:.2f} cores",
-                         f"{f[0] / e[0]:.2f}" + (" (target >= 0.9 at 4)" if clients == 4 else "")))
+                         f"{ratio:.2f}" + (" (target >= 0.9 at 4)" if clients == 4 else "")))
     finally:
         servers.close()
 
@@ -234,25 +282,28 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats, shorter concurrency runs")
     ap.add_argument("--write", help="append the table to this Markdown file")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds per measurement, both servers in each")
     args = ap.parse_args()
-    repeats, count, seconds = (3, 100, 3.0) if args.quick else (5, 300, 8.0)
+    rounds = 2 if args.quick else max(1, args.rounds)
+    count, seconds = (100, 3.0) if args.quick else (1000, 12.0)
 
     rows: list[tuple[str, str, str, str]] = []
     servers = Servers()
     ts = targets(servers)
     try:
-        bench_large(ts, [4 << 20, 16 << 20], repeats, rows)
-        bench_small(ts, [1 << 10, 64 << 10], count, rows)
-        bench_stream(ts, 64, 256 << 10, rows)
+        bench_large(ts, [4 << 20, 16 << 20], rounds, rows)
+        bench_small(ts, [1 << 10, 64 << 10], count, rounds, rows)
+        bench_stream(ts, 64, 256 << 10, rounds, rows)
     finally:
         for t in ts.values():
             t.close()
         servers.close()
-    bench_concurrency(Servers, [1, 4, 16], 1 << 20, seconds, rows)
-    bench_concurrency(lambda: Servers(processes=2), [4, 16], 1 << 20, seconds, rows, label=", 2 processes")
+    bench_concurrency(Servers, [1, 4, 16], 1 << 20, seconds, rounds, rows)
+    bench_concurrency(lambda: Servers(processes=2), [4, 16], 1 << 20, seconds, rounds, rows, label=", 2 processes")
 
     table = [f"Service over loopback, {cpu_model()}, {os.cpu_count()} cores, {datetime.date.today().isoformat()}: "
-             f"`benchmarks/service.py{' --quick' if args.quick else ''}`", "",
+             f"`benchmarks/service.py{' --quick' if args.quick else ''}`, {rounds} rounds; ratios: median over the rounds "
+             "of focalserve / floor measured back to back", "",
              "| measurement | focalserve | transport floor | ratio |", "|---|---|---|---|"]
     table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     emit(table, args.write)
