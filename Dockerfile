@@ -67,7 +67,7 @@ RUN groupadd --system --gid 10001 focalserve \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin focalserve
 COPY --from=gpu-builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 \
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_ARENA_MAX=1 \
     PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     CUPY_CACHE_DIR=/tmp/cupy-kernel-cache \
     NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
@@ -96,7 +96,7 @@ RUN groupadd --system --gid 10001 focalserve \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin focalserve
 COPY --from=cpu-builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 \
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_ARENA_MAX=1 \
     PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001
 EXPOSE 50051 8000

@@ -12,8 +12,10 @@ PYTEST_ARGS ?=
 
 # glibc's default allocator returns every large buffer to the kernel and page-faults it back on the next
 # request; keeping freed memory mapped makes large messages 2-3x faster (PERFORMANCE.md, README "Memory").
+# One arena: a thread's own arena cannot hold a block over 64 MiB and maps a fresh one for each.
 export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
+export MALLOC_ARENA_MAX ?= 1
 
 BENCH_VENV := .venv-bench
 

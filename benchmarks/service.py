@@ -43,7 +43,7 @@ from report import cpu_model, emit
 HERE = Path(__file__).resolve().parent
 LIMIT = 256 * 1024 * 1024
 OPTIONS = [("grpc.max_send_message_length", LIMIT), ("grpc.max_receive_message_length", LIMIT)]
-ENV = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+ENV = {**os.environ, "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736", "MALLOC_ARENA_MAX": "1"}
 
 
 def free_port() -> int:

@@ -32,7 +32,7 @@ run)
   # the CPU kernel, as `pip install` builds it (setuptools from .whl/, the machine's g++)
   (cd server && "$PY" setup.py --quiet build_ext --inplace) || echo "warning: the CPU kernel did not build" >&2
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
+  export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_ARENA_MAX=1
   rc=0
   FOCALSERVE_TEST_BACKEND=gpu "$PY" -m pytest tests -q -p no:cacheprovider \
     --ignore tests/test_docker.py --ignore tests/test_node_client.py -x "${@:2}" || rc=$?

@@ -51,7 +51,7 @@ def test_dockerfile_targets_and_runtime_settings():
     for final in ("gpu", "cpu"):
         body = re.search(rf"^FROM \S+ AS {final}\n(.*?)(?=^FROM |\Z)", text, re.M | re.S).group(1)
         for line in ("USER 10001:10001", "EXPOSE 50051 8000", "STOPSIGNAL SIGTERM", "MALLOC_MMAP_MAX_=0",
-                     "MALLOC_TRIM_THRESHOLD_=68719476736", "PYTHONUNBUFFERED=1", "focalserve.healthcheck"):
+                     "MALLOC_TRIM_THRESHOLD_=68719476736", "MALLOC_ARENA_MAX=1", "PYTHONUNBUFFERED=1", "focalserve.healthcheck"):
             assert line in body, f"{final}: {line}"
         assert "COPY --from=" in body and "pip install" not in body, f"{final}: runtime copies the venv only"
     # requirements-runtime.lock is a subset of requirements.lock with the same pins, and no tools.

@@ -45,7 +45,7 @@ CHECK_FRACTION = 0.05
 STREAM_FRACTION = 0.25
 CALL_TIMEOUT = 60.0
 # the production allocator settings (README "Memory"; the Docker image sets them too)
-PRODUCTION_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+PRODUCTION_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736", "MALLOC_ARENA_MAX": "1"}
 SERVICE = "focalloss.v1.FocalLossService"
 
 
@@ -428,3 +428,34 @@ def test_soak(tmp_path):
         assert last <= 1.10 * second, f"RSS grew {100 * (last / second - 1):.1f} % from minute 2 to the end"
     else:
         assert loaded["rss_kib"] <= 1.5 * warm["rss_kib"], summary["rss_mib"]
+
+
+def _minor_faults(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])  # minflt: field 10 of proc(5)
+
+
+def test_large_requests_reuse_freed_memory(tmp_path):
+    """With the production allocator settings, a large request's buffers come from memory the previous
+    request freed: glibc's per-thread arenas cannot hold a block over 64 MiB and map (and page-fault)
+    a fresh one for every request computed on a pool thread, unless MALLOC_ARENA_MAX=1."""
+    elements = 20 << 20  # an 80 MiB gradient, computed on a pool thread (above service.INLINE_BYTES)
+    rng = np.random.default_rng(7)
+    request = build_request(rng.normal(0, 3, elements).astype(np.float32),
+                            (rng.random(elements) < 0.1).astype(np.uint8), reduction="sum", compute_grad=True)
+    server = start_server(tmp_path, "--workers", "2", "--backend", "cpu", env=PRODUCTION_MALLOC)
+    options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+    try:
+        with grpc.insecure_channel(server.target, options) as channel:
+            compute = pb_grpc.FocalLossServiceStub(channel).Compute
+            first = compute(request, timeout=CALL_TIMEOUT)
+            compute(request, timeout=CALL_TIMEOUT)  # the second may still grow the heap to its peak
+            before = _minor_faults(server.process.pid)
+            for _ in range(3):
+                again = compute(request, timeout=CALL_TIMEOUT)
+            faults_per_call = (_minor_faults(server.process.pid) - before) / 3
+    finally:
+        assert server.stop() == 0, server.log()
+    assert again.grad.data == first.grad.data and again.stats.loss_sum == first.stats.loss_sum
+    # a fresh mapping of the gradient alone would be 20,480 faults of 4 KiB pages
+    assert faults_per_call < 2_000, f"{faults_per_call:.0f} page faults per call: buffers are not reused"
