@@ -445,17 +445,20 @@ def test_large_requests_reuse_freed_memory(tmp_path):
                             (rng.random(elements) < 0.1).astype(np.uint8), reduction="sum", compute_grad=True)
     server = start_server(tmp_path, "--workers", "2", "--backend", "cpu", env=PRODUCTION_MALLOC)
     options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+    faults = []
     try:
         with grpc.insecure_channel(server.target, options) as channel:
             compute = pb_grpc.FocalLossServiceStub(channel).Compute
             first = compute(request, timeout=CALL_TIMEOUT)
-            compute(request, timeout=CALL_TIMEOUT)  # the second may still grow the heap to its peak
-            before = _minor_faults(server.process.pid)
-            for _ in range(3):
+            for _ in range(2):  # the heap grows to its peak over the first calls
+                compute(request, timeout=CALL_TIMEOUT)
+            for _ in range(5):
+                before = _minor_faults(server.process.pid)
                 again = compute(request, timeout=CALL_TIMEOUT)
-            faults_per_call = (_minor_faults(server.process.pid) - before) / 3
+                faults.append(_minor_faults(server.process.pid) - before)
     finally:
         assert server.stop() == 0, server.log()
     assert again.grad.data == first.grad.data and again.stats.loss_sum == first.stats.loss_sum
-    # a fresh mapping of the gradient alone would be 20,480 faults of 4 KiB pages
-    assert faults_per_call < 2_000, f"{faults_per_call:.0f} page faults per call: buffers are not reused"
+    # a fresh mapping of the gradient alone is 20,480 faults of 4 KiB pages; the median call must have
+    # none of that (one call may still grow the heap when the timing of frees differs)
+    assert sorted(faults)[2] < 2_000, f"page faults per call {faults}: buffers are not reused"
