@@ -149,8 +149,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def median_ratio(pairs: list[tuple[float, float]]) -> float:
-    """The median over rounds of focalserve / floor, each round's pair measured back to back."""
-    return statistics.median(f / e for f, e in pairs)
+    """The median over rounds of a / b, for each round's pair (a, b) measured back to back."""
+    return statistics.median(a / b for a, b in pairs)
 
 
 # On a shared VM the machine's speed drifts by 2x within minutes (the floor's own stream rate ranged from
