@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from report import cpu_model, emit, parse_size
+from report import cpu_model, emit, parse_size, size_label
 
 ALPHA, GAMMA = 0.25, 2.0
 BLOCK = 32 * 1024
@@ -187,11 +187,11 @@ def main() -> int:
     ours1, ours2 = rate["focalserve 1 thread"], rate["focalserve 2 threads"]
     header = f"CPU kernel, {cpu_model()}, {os.cpu_count()} cores, NumPy {np.__version__}, " \
              f"{datetime.date.today().isoformat()}: `benchmarks/cpu_kernel.py --sizes {args.sizes}` (M elements/s, median)"
-    lines = [header, "", "| implementation | " + " | ".join(f"{n >> 20}M" for n in sizes) + " |",
+    lines = [header, "", "| implementation | " + " | ".join(size_label(n) for n in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
     for name, col in rate.items():
         lines.append(f"| {name} | " + " | ".join(f"{col[n]:,.0f}" for n in sizes) + " |")
-    lines += ["", "| ratio | " + " | ".join(f"{n >> 20}M" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    lines += ["", "| ratio | " + " | ".join(size_label(n) for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
 
     def ratio(label: str, num: dict, den: dict | None, invert: bool = False) -> None:
         if den is None:

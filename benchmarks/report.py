@@ -22,6 +22,14 @@ def parse_size(text: str) -> int:
     return int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[unit] if unit in "KMG" else int(text)
 
 
+def size_label(n: int) -> str:
+    """67108864 -> '64M', 65536 -> '64K' (the inverse of parse_size for round sizes)."""
+    for shift, unit in ((30, "G"), (20, "M"), (10, "K")):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
 def emit(lines: list[str], write: str | None) -> None:
     """Prints the Markdown table and, with --write, appends it to that file (e.g. BENCHMARKS.md)."""
     text = "\n".join(lines)

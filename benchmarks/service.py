@@ -38,7 +38,7 @@ import numpy as np
 
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalserve_client.client import build_request
-from report import cpu_model, emit
+from report import cpu_model, emit, size_label
 
 HERE = Path(__file__).resolve().parent
 LIMIT = 256 * 1024 * 1024
@@ -169,7 +169,7 @@ def bench_large(ts, sizes, rounds, rows):
         rate = {name: n / statistics.median(v) / 1e6 for name, v in seconds.items()}
         # elements/s of focalserve / of the floor = the floor's seconds / focalserve's
         ratio = median_ratio(list(zip(seconds["floor"], seconds["focalserve"])))
-        rows.append((f"unary {n >> 20}M elements, SUM+grad", f"{rate['focalserve']:,.0f} M/s",
+        rows.append((f"unary {size_label(n)} elements, SUM+grad", f"{rate['focalserve']:,.0f} M/s",
                      f"{rate['floor']:,.0f} M/s", f"{ratio:.2f} (target >= 0.75)"))
 
 
@@ -185,8 +185,7 @@ def bench_small(ts, sizes, count, rounds, rows):
             p50_pairs.append(tuple(percentile(this_round[name], 50) for name in ("focalserve", "floor")))
         p50 = {k: percentile(v, 50) * 1e3 for k, v in lat.items()}
         p99 = {k: percentile(v, 99) * 1e3 for k, v in lat.items()}
-        label = f"{n >> 10}K" if n < (1 << 20) else f"{n >> 20}M"
-        rows.append((f"unary {label} elements, p50 / p99", f"{p50['focalserve']:.2f} / {p99['focalserve']:.2f} ms",
+        rows.append((f"unary {size_label(n)} elements, p50 / p99", f"{p50['focalserve']:.2f} / {p99['focalserve']:.2f} ms",
                      f"{p50['floor']:.2f} / {p99['floor']:.2f} ms",
                      f"p50 {median_ratio(p50_pairs):.2f} (target <= 1.2)"))
 
@@ -210,9 +209,9 @@ def bench_stream(ts, items, n, rounds, rows):
     rate = {key: statistics.median(v) for key, v in rates.items()}
     of_floor = median_ratio(list(zip(rates["focalserve", "stream"], rates["floor", "stream"])))
     gain = {name: median_ratio(list(zip(rates[name, "stream"], rates[name, "sequential"]))) for name in ts}
-    rows.append((f"ComputeStream {items} x {n >> 10}K", f"{rate['focalserve', 'stream']:,.0f} M/s",
+    rows.append((f"ComputeStream {items} x {size_label(n)}", f"{rate['focalserve', 'stream']:,.0f} M/s",
                  f"{rate['floor', 'stream']:,.0f} M/s", f"{of_floor:.2f} of the floor (target >= 0.9)"))
-    rows.append((f"{items} sequential Compute x {n >> 10}K", f"{rate['focalserve', 'sequential']:,.0f} M/s",
+    rows.append((f"{items} sequential Compute x {size_label(n)}", f"{rate['focalserve', 'sequential']:,.0f} M/s",
                  f"{rate['floor', 'sequential']:,.0f} M/s",
                  f"stream / sequential {gain['focalserve']:.2f} (target >= 1.5; the floor's own: {gain['floor']:.2f})"))
 
@@ -270,7 +269,7 @@ def bench_concurrency(servers_factory, clients_list, n, seconds, rounds, rows, l
                        for name in endpoints}
             ratio = median_ratio(list(zip(rates["focalserve"], rates["floor"])))
             f, e = figures["focalserve"], figures["floor"]
-            rows.append((f"{clients} concurrent clients x {n >> 20}M{label}",
+            rows.append((f"{clients} concurrent clients x {size_label(n)}{label}",
                          f"{f[0]:,.0f} M/s, p99 {f[1]:.0f} ms, server {f[2]:.2f} / client {f[3]:.2f} cores",
                          f"{e[0]:,.0f} M/s, p99 {e[1]:.0f} ms, server {e[2]:.2f} / client {e[3]:.2f} cores",
                          f"{ratio:.2f}" + (" (target >= 0.9 at 4)" if clients == 4 else "")))
@@ -283,26 +282,31 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats, shorter concurrency runs")
     ap.add_argument("--write", help="append the table to this Markdown file")
     ap.add_argument("--rounds", type=int, default=5, help="rounds per measurement, both servers in each")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every size / 64, one round, 1 s of load: checks that the script runs (the suite does); "
+                         "its figures mean nothing")
     args = ap.parse_args()
-    rounds = 2 if args.quick else max(1, args.rounds)
-    count, seconds = (100, 3.0) if args.quick else (1000, 12.0)
+    rounds = 1 if args.smoke else 2 if args.quick else max(1, args.rounds)
+    count, seconds = (20, 1.0) if args.smoke else (100, 3.0) if args.quick else (1000, 12.0)
+    scale = 64 if args.smoke else 1
 
     rows: list[tuple[str, str, str, str]] = []
     servers = Servers()
     ts = targets(servers)
     try:
-        bench_large(ts, [4 << 20, 16 << 20], rounds, rows)
+        bench_large(ts, [(4 << 20) // scale, (16 << 20) // scale], rounds, rows)
         bench_small(ts, [1 << 10, 64 << 10], count, rounds, rows)
-        bench_stream(ts, 64, 256 << 10, rounds, rows)
+        bench_stream(ts, 64 // (8 if args.smoke else 1), (256 << 10) // scale, rounds, rows)
     finally:
         for t in ts.values():
             t.close()
         servers.close()
-    bench_concurrency(Servers, [1, 4, 16], 1 << 20, seconds, rounds, rows)
-    bench_concurrency(lambda: Servers(processes=2), [4, 16], 1 << 20, seconds, rounds, rows, label=", 2 processes")
+    bench_concurrency(Servers, [1, 4, 16], (1 << 20) // scale, seconds, rounds, rows)
+    bench_concurrency(lambda: Servers(processes=2), [4, 16], (1 << 20) // scale, seconds, rounds, rows,
+                      label=", 2 processes")
 
     table = [f"Service over loopback, {cpu_model()}, {os.cpu_count()} cores, {datetime.date.today().isoformat()}: "
-             f"`benchmarks/service.py{' --quick' if args.quick else ''}`, {rounds} rounds; ratios: median over the rounds "
+             f"`benchmarks/service.py{' --quick' if args.quick else ' --smoke' if args.smoke else ''}`, {rounds} rounds; ratios: median over the rounds "
              "of focalserve / floor measured back to back", "",
              "| measurement | focalserve | transport floor | ratio |", "|---|---|---|---|"]
     table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
