@@ -24,6 +24,7 @@ from focalloss.v1 import focal_loss_pb2 as pb
 from focalserve import request as rq
 from focalserve.backends import NumpyBackend
 from focalserve.backends import cuda_kernel
+from focalserve.backends.kernel_host import finish
 from focalserve.errors import RequestError
 from focalserve_client.client import build_request
 from focalserve_client.combine import reduced_loss
@@ -104,7 +105,7 @@ def run_on_cpu(kernels, job: rq.Job):
     else:
         leading = [_pointer(logit), _pointer(p.label), ctypes.c_longlong(p.elements)]
     getattr(kernels, f"cpu_{p.kernel}")(ctypes.c_uint(GRID), *leading, *common)
-    loss_sum, positives = cuda_kernel.finish(job, block_sums, int(flags[0]))
+    loss_sum, positives = finish(job, block_sums, int(flags[0]))
     if loss is None:
         loss = np.asarray(reduced_loss(loss_sum, job.normalizer, job.elements, job.reduction), job.dtype)
     else:

@@ -1,5 +1,5 @@
 """The host side of focal_loss.cu that does not need CuPy: which kernel a job launches, with which
-arguments, and how its per-block sums and flags become the result.
+arguments (kernel_host.finish turns its per-block sums and flags into the result, as for the CPU kernel).
 
 The CuPy backend launches these plans on a GPU; the test suite launches the same plans on the CPU through
 the same .cu file compiled as C++ (tests/cuda/), so the argument order and the host logic are checked
@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import request as rq
 from ..request import Job
-from .kernel_host import FLAG_BAD_LABEL, FLAG_NONFINITE, SUFFIX, finish, gamma_halves  # noqa: F401 (the CuPy side uses them)
+from .kernel_host import SUFFIX, gamma_halves
 
 SOURCE = Path(__file__).with_name("focal_loss.cu")
 KERNELS = ("focal_dense_f32_f32", "focal_dense_f32_u8", "focal_dense_f64_f64", "focal_dense_f64_u8",

@@ -21,6 +21,7 @@ from focalserve_client.combine import reduced_loss
 from ..request import Job
 from . import cuda_kernel
 from .base import BackendOutOfMemory, Result
+from .kernel_host import finish
 
 
 class CupyBackend:
@@ -102,7 +103,7 @@ class CupyBackend:
             host_grad = _to_host(grad) if grad is not None else None
             stream.synchronize()
 
-        loss_sum, positives = cuda_kernel.finish(job, host_sums, int(host_flags[0]))
+        loss_sum, positives = finish(job, host_sums, int(host_flags[0]))
         if host_loss is None:
             host_loss = np.asarray(reduced_loss(loss_sum, job.normalizer, job.elements, job.reduction), dtype)
         else:
