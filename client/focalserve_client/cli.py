@@ -113,7 +113,10 @@ def _result_dict(result: ComputeResult) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):  # one without the other would quietly not authenticate
+        parser.error("--tls-cert and --tls-key go together (the client certificate and its private key)")
     credentials = None
     if args.tls_ca or args.tls_cert:
         def read(path):

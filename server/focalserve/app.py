@@ -20,7 +20,7 @@ from focalloss.v1 import focal_loss_pb2 as pb
 from focalserve_client.client import build_request
 from focalserve_client.tensor import encode
 
-from . import __version__, metrics
+from . import __version__, metrics, tls
 from .backends import BackendSet, NumpyBackend, cpu_kernel, measure_crossover
 from .config import Config, parse_args
 from .interceptors import AuthInterceptor, ConcurrencyLimitInterceptor, MetricsInterceptor
@@ -94,18 +94,12 @@ def warm_up(backends: BackendSet) -> None:
         encode(result.loss), encode(result.grad)
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def server_credentials(config: Config) -> grpc.ServerCredentials | None:
-    """TLS when a certificate is given; mutual TLS (client certificates required) with --tls-client-ca."""
+    """TLS when a certificate is given; mutual TLS (client certificates required) with --tls-client-ca. The
+    files are read again when they change (certificate rotation), for the connections opened after."""
     if not config.tls_cert:
         return None
-    client_ca = _read(config.tls_client_ca) if config.tls_client_ca else None
-    return grpc.ssl_server_credentials([(_read(config.tls_key), _read(config.tls_cert))],
-                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+    return tls.CertificateFiles(config.tls_cert, config.tls_key, config.tls_client_ca).credentials()
 
 
 def start_metrics(config: Config, backends: BackendSet) -> None:
@@ -130,6 +124,8 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
         options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
                     ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]
     interceptors = [MetricsInterceptor()]
+    if config.tls_client_allow:
+        interceptors.append(tls.ClientIdentityInterceptor(config.tls_client_allow))
     if config.auth_token:
         interceptors.append(AuthInterceptor(config.auth_token))
     if config.max_concurrent_rpcs > 0:

@@ -30,6 +30,7 @@ class Config:
     tls_key: str
     tls_client_ca: str
     auth_token: str = field(default="", repr=False)  # never printed
+    tls_client_allow: tuple[str, ...] = ()
 
     @property
     def max_message_bytes(self) -> int:
@@ -88,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--tls-key", default=_env("TLS_KEY", ""), help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", default=_env("TLS_CLIENT_CA", ""),
                    help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    p.add_argument("--tls-client-allow", default=_env("TLS_CLIENT_ALLOW", ""),
+                   help="with --tls-client-ca, only clients whose certificate names one of these comma-separated "
+                        "identities (a subject alternative name or the common name, exactly) may call; others get "
+                        "PERMISSION_DENIED (health stays open)")
     p.add_argument("--auth-token-file", default=_env("AUTH_TOKEN_FILE", ""),
                    help="file holding the bearer token every call but health must carry "
                         "(or the token itself in FOCALSERVE_AUTH_TOKEN)")
@@ -100,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error("--tls-cert and --tls-key go together")
     if a.tls_client_ca and not a.tls_cert:
         p.error("--tls-client-ca needs --tls-cert and --tls-key")
+    allow = tuple(name.strip() for name in a.tls_client_allow.split(",") if name.strip())
+    if allow and not a.tls_client_ca:
+        p.error("--tls-client-allow needs --tls-client-ca (client certificates to read the identities from)")
     token = os.environ.get("FOCALSERVE_AUTH_TOKEN", "")
     if a.auth_token_file:
         try:
@@ -114,4 +122,4 @@ def parse_args(argv: list[str] | None = None) -> Config:
                   max_elements=a.max_elements, gpu_min_elements=a.gpu_min_elements, allow_nonfinite=a.allow_nonfinite,
                   grace_seconds=a.grace_seconds, drain_delay_s=a.drain_delay_s, log_format=a.log_format, max_concurrent_rpcs=a.max_concurrent_rpcs,
                   max_connection_age_s=a.max_connection_age_s, reuse_port=a.reuse_port, tls_cert=a.tls_cert, tls_key=a.tls_key,
-                  tls_client_ca=a.tls_client_ca, auth_token=token)
+                  tls_client_ca=a.tls_client_ca, auth_token=token, tls_client_allow=allow)
