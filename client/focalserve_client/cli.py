@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         credentials = grpc.ssl_channel_credentials(
             read(args.tls_ca) if args.tls_ca else None, read(args.tls_key) if args.tls_key else None,
             read(args.tls_cert) if args.tls_cert else None)
-    token = os.environ.get("FOCALSERVE_TOKEN")
+    token = (os.environ.get("FOCALSERVE_TOKEN") or "").strip() or None  # stripped like --token-file
     if args.token_file:
         with open(args.token_file) as f:
             token = f.read().strip()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,13 +16,12 @@ import grpc
 import numpy as np
 import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalserve_client.client import build_request
 from focalserve_client.tensor import encode
 
-from . import __version__, metrics, tls
+from . import __version__, metrics, reflection, tls
 from .backends import BackendSet, NumpyBackend, cpu_kernel, measure_crossover
 from .config import Config, parse_args
 from .interceptors import AuthInterceptor, ConcurrencyLimitInterceptor, MetricsInterceptor
@@ -54,17 +55,20 @@ def build_backends(config: Config) -> BackendSet:
     if config.cpu_kernel == "compiled":
         kernel, why_not = cpu_kernel.load()
         if kernel is None:
-            log.warning("CPU backend: computing with NumPy ufuncs (2-4x slower): %s", why_not)
+            log.warning("CPU backend: computing with NumPy ufuncs (2-4x slower): %s", why_not,
+                        extra={"fields": {"event": "cpu_kernel_fallback", "reason": why_not}})
     cpu = NumpyBackend(threads=config.workers, allow_nonfinite=config.allow_nonfinite, kernel=kernel)
     gpu = None
     if config.backend != "cpu":
         gpu, why_not = _load_gpu(config)
         if gpu is None:
-            (log.error if config.backend == "gpu" else log.info)("no GPU backend: %s", why_not)
+            (log.error if config.backend == "gpu" else log.info)(
+                "no GPU backend: %s", why_not, extra={"fields": {"event": "no_gpu_backend", "reason": why_not}})
     threshold = config.gpu_min_elements
     if gpu is not None and config.backend == "auto" and threshold < 0:
         threshold = measure_crossover(cpu, gpu, _calibration_job)
-        log.info("BACKEND_AUTO sends batches of >= %d elements to the GPU (measured at start-up)", threshold)
+        log.info("BACKEND_AUTO sends batches of >= %d elements to the GPU (measured at start-up)", threshold,
+                 extra={"fields": {"event": "gpu_threshold", "gpu_min_elements": threshold}})
     return BackendSet(cpu, gpu=gpu, default=config.backend, gpu_min_elements=max(threshold, 0),
                       on_gpu_fallback=metrics.GPU_FALLBACKS.inc)
 
@@ -102,13 +106,39 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
     return tls.CertificateFiles(config.tls_cert, config.tls_key, config.tls_client_ca).credentials()
 
 
+def _bind_error(host: str, port: int, reuse_port: bool) -> str | None:
+    """Why binding `host:port` as gRPC does (SO_REUSEADDR, and SO_REUSEPORT with --reuse-port) fails, in
+    the operating system's words; None if it works. Checked before gRPC tries, whose own error is a
+    traceback-sized "Failed to bind"."""
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        return f"cannot resolve {host!r} ({e.strerror or e})"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                s.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return "address already in use (another server has this port; --reuse-port shares it on purpose)"
+                return e.strerror or str(e)
+    return None
+
+
 def start_metrics(config: Config, backends: BackendSet) -> None:
     metrics.BUILD_INFO.labels(__version__, backends.default_name, "; ".join(backends.devices())).set(1)
     if backends.gpu is not None:
         metrics.GPU_MEMORY.labels("used").set_function(lambda: backends.gpu.memory()[0])
         metrics.GPU_MEMORY.labels("total").set_function(lambda: backends.gpu.memory()[1])
     if config.metrics_port >= 0:
-        prometheus_client.start_http_server(config.metrics_port, addr=config.metrics_host)
+        try:
+            prometheus_client.start_http_server(config.metrics_port, addr=config.metrics_host)
+        except OSError as e:
+            raise ValueError(f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: "
+                             f"{e.strerror or e}") from None
 
 
 async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
@@ -136,16 +166,25 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable(server, (SERVICE_NAME, health.SERVICE_NAME))
     for name in ("", SERVICE_NAME):  # until warmed up: probes see the port open but not ready
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     address = f"{config.host}:{config.port}"
     credentials = server_credentials(config)
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    why_not = _bind_error(config.host, config.port, config.reuse_port)
+    if why_not is not None:
+        raise ValueError(f"cannot listen on {address}: {why_not}")
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # taken between the check and now
+        port = 0
     if port == 0:
-        raise SystemExit(f"focalserve: cannot bind {address}")
+        raise ValueError(f"cannot listen on {address}: {_bind_error(config.host, config.port, config.reuse_port)}")
+    if config.auth_token and credentials is None:
+        log.warning("the bearer token is sent in clear text over plaintext gRPC: serve TLS (--tls-cert, --tls-key) "
+                    "unless a proxy or service mesh in front of this server terminates TLS",
+                    extra={"fields": {"event": "token_without_tls"}})
     start_metrics(config, backends)
     await server.start()
     await asyncio.get_running_loop().run_in_executor(executor, warm_up, backends)
@@ -198,5 +237,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(serve(config))
     except ValueError as e:  # a configuration the machine cannot honour, e.g. --backend gpu without a GPU
-        log.error("%s", e)
+        log.error("%s", e, extra={"fields": {"event": "startup_failed"}})
         return 2

@@ -108,15 +108,24 @@ def parse_args(argv: list[str] | None = None) -> Config:
     allow = tuple(name.strip() for name in a.tls_client_allow.split(",") if name.strip())
     if allow and not a.tls_client_ca:
         p.error("--tls-client-allow needs --tls-client-ca (client certificates to read the identities from)")
-    token = os.environ.get("FOCALSERVE_AUTH_TOKEN", "")
+    # stripped wherever it comes from: a Kubernetes Secret or `echo` leaves a trailing newline, which no
+    # client sends (gRPC metadata cannot even carry one)
+    source, token = "FOCALSERVE_AUTH_TOKEN", os.environ.get("FOCALSERVE_AUTH_TOKEN", "")
     if a.auth_token_file:
+        source = "--auth-token-file"
         try:
             with open(a.auth_token_file) as f:
-                token = f.read().strip()
+                token = f.read()
         except OSError as e:
             p.error(f"--auth-token-file: {e.strerror}")
-        if not token:
+        if not token.strip():
             p.error("--auth-token-file is empty")
+    elif token and not token.strip():
+        # set but blank: failing beats silently serving without authentication
+        p.error("FOCALSERVE_AUTH_TOKEN holds only whitespace")
+    token = token.strip()
+    if any(not " " <= c <= "~" for c in token):
+        p.error(f"{source}: the token has a character gRPC metadata cannot carry (printable ASCII only)")
     return Config(host=a.host, port=a.port, metrics_host=a.metrics_host, metrics_port=a.metrics_port,
                   backend=a.backend, cpu_kernel=a.cpu_kernel, workers=a.workers, max_message_mb=a.max_message_mb,
                   max_elements=a.max_elements, gpu_min_elements=a.gpu_min_elements, allow_nonfinite=a.allow_nonfinite,

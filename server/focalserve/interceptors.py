@@ -126,10 +126,12 @@ class _Measured:
         metrics.GRPC_HANDLED.labels(*self.method.labels, code.name).inc()
         self.method.seconds.observe(seconds)
         if code is not grpc.StatusCode.OK:
-            details = self.context.details() or ""
-            log.warning("call failed: %s %s", self.method.method, code.name, extra={"fields": {
-                "event": "call_failed", "method": self.method.method, "code": code.name,
-                "seconds": round(seconds, 6), "peer": self.peer, "details": details[:300]}})
+            details = (self.context.details() or "")[:300]
+            # the text form carries what the JSON form does; the message quoted (%r), so one call stays one line
+            log.warning("call failed: %s %s after %.6fs from %s: %r", self.method.method, code.name, seconds,
+                        self.peer, details, extra={"fields": {
+                            "event": "call_failed", "method": self.method.method, "code": code.name,
+                            "seconds": round(seconds, 6), "peer": self.peer, "details": details}})
         return False
 
 

@@ -270,5 +270,6 @@ def _add_to_summary(summary: pb.StreamSummary, stats: pb.ItemStats | None) -> No
 def _log_internal(request_id: str) -> str:
     """Logs the traceback under a fresh error id; returns the message the client gets (no payload)."""
     error_id = uuid.uuid4().hex[:12]
-    log.exception("internal error %s in request %r", error_id, request_id)
+    log.exception("internal error %s in request %r", error_id, request_id,
+                  extra={"fields": {"event": "internal_error", "error_id": error_id, "request_id": request_id}})
     return f"internal error {error_id} (request_id {request_id!r}); the server logged the details"

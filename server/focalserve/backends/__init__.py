@@ -71,7 +71,8 @@ class BackendSet:
             return backend.run(job)
         except BackendOutOfMemory as e:
             log.warning("GPU out of memory for request %r (%d elements): computed on the CPU (%s)",
-                        job.request_id, job.elements, e)
+                        job.request_id, job.elements, e, extra={"fields": {
+                            "event": "gpu_out_of_memory", "request_id": job.request_id, "elements": job.elements}})
             if self._on_gpu_fallback is not None:
                 self._on_gpu_fallback()
             return self.cpu.run(job)
