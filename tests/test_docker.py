@@ -141,13 +141,16 @@ def test_k8s_deployments():
         pod = docs[("Deployment", name)]["spec"]["template"]
         spec = pod["spec"]
         (c,) = spec["containers"]
-        env = {e["name"]: e["value"] for e in c["env"]}
+        env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["FOCALSERVE_GRACE_SECONDS"] == "30" and env["FOCALSERVE_MAX_CONNECTION_AGE_S"] == "300"
         assert spec["terminationGracePeriodSeconds"] == 40
         assert c["readinessProbe"]["grpc"]["port"] == 50051 and c["livenessProbe"]["grpc"]["port"] == 50051
         assert spec["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
         assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
         assert ("nvidia.com/gpu" in c["resources"]["limits"]) == gpu
+        # the token from a Secret that may be absent (then no auth), never inline in the manifest
+        (token,) = [e for e in c["env"] if e["name"] == "FOCALSERVE_AUTH_TOKEN"]
+        assert token["valueFrom"]["secretKeyRef"] == {"name": "focalserve-auth", "key": "token", "optional": True}
     assert docs[("Deployment", "focalserve")]["spec"]["replicas"] == 2
     assert docs[("Service", "focalserve-headless")]["spec"]["clusterIP"] == "None"
     assert {p["port"] for p in docs[("Service", "focalserve")]["spec"]["ports"]} == {50051, 8000}
