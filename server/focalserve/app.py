@@ -106,26 +106,34 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
     return tls.CertificateFiles(config.tls_cert, config.tls_key, config.tls_client_ca).credentials()
 
 
-def _bind_error(host: str, port: int, reuse_port: bool) -> str | None:
-    """Why binding `host:port` as gRPC does (SO_REUSEADDR, and SO_REUSEPORT with --reuse-port) fails, in
-    the operating system's words; None if it works. Checked before gRPC tries, whose own error is a
-    traceback-sized "Failed to bind"."""
+def _bind_error(host: str, port: int, reuse_port: bool, *, only_in_use: bool = False) -> str | None:
+    """Why gRPC cannot bind `host:port`, in the operating system's words, found by binding its addresses as
+    gRPC does (SO_REUSEADDR, SO_REUSEPORT with --reuse-port; the IPv4 wildcard where IPv6 is off); None when
+    one of them binds, which is all gRPC needs. Before gRPC tries (whose own error is a traceback-sized
+    "Failed to bind"), `only_in_use` leaves every other cause to gRPC."""
+    name = host.strip("[]")
     try:
-        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        addresses = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        if name in ("", "::"):
+            addresses += socket.getaddrinfo("0.0.0.0", port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as e:
-        return f"cannot resolve {host!r} ({e.strerror or e})"
+        return None if only_in_use else f"cannot resolve {host!r} ({e.strerror or e})"
+    errors = []
     for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            try:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 s.bind(address)
-            except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    return "address already in use (another server has this port; --reuse-port shares it on purpose)"
-                return e.strerror or str(e)
-    return None
+            return None
+        except OSError as e:
+            errors.append(e)
+    if any(e.errno == errno.EADDRINUSE for e in errors):
+        return "address already in use (another server has this port; --reuse-port shares it on purpose)"
+    if only_in_use or not errors:
+        return None
+    return errors[0].strerror or str(errors[0])
 
 
 def start_metrics(config: Config, backends: BackendSet) -> None:
@@ -172,15 +180,16 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
 
     address = f"{config.host}:{config.port}"
     credentials = server_credentials(config)
-    why_not = _bind_error(config.host, config.port, config.reuse_port)
+    why_not = _bind_error(config.host, config.port, config.reuse_port, only_in_use=True)
     if why_not is not None:
         raise ValueError(f"cannot listen on {address}: {why_not}")
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError:  # taken between the check and now
+    except RuntimeError:  # e.g. not an address of this machine, or taken since the check
         port = 0
     if port == 0:
-        raise ValueError(f"cannot listen on {address}: {_bind_error(config.host, config.port, config.reuse_port)}")
+        why_not = _bind_error(config.host, config.port, config.reuse_port) or "gRPC could not bind it"
+        raise ValueError(f"cannot listen on {address}: {why_not}")
     if config.auth_token and credentials is None:
         log.warning("the bearer token is sent in clear text over plaintext gRPC: serve TLS (--tls-cert, --tls-key) "
                     "unless a proxy or service mesh in front of this server terminates TLS",
