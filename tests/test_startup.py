@@ -134,6 +134,8 @@ def test_every_json_log_line_has_an_event(token_server):
         assert names[0] == "no_gpu_backend", names
         assert "CuPy is not installed" in events[0]["reason"]
     assert "serving" in names and "call_failed" in names
+    (serving,) = [e for e in events if e["event"] == "serving"]
+    assert (serving["tls"], serving["auth"], serving["port"]) == ("plaintext", "token", token_server.port)
     failed = [e for e in events if e["event"] == "call_failed"][-1]
     assert failed["method"] == "/focalloss.v1.FocalLossService/GetServerInfo"
     assert failed["code"] == "UNAUTHENTICATED" and failed["peer"].startswith("ipv4:127.0.0.1:")

@@ -199,14 +199,16 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     await asyncio.get_running_loop().run_in_executor(executor, warm_up, backends)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    transport = "mtls" if config.tls_client_ca else "tls" if credentials else "plaintext"
+    auth = "token" if config.auth_token else "none"
     log.info("focalserve %s serving: backend=%s devices=%s cpu_kernel=%s grpc=%s:%d (%s) metrics=%s workers=%d "
              "max_message_mb=%d auth=%s", __version__, backends.default_name, "; ".join(backends.devices()),
-             "compiled" if backends.cpu.kernel is not None else "ufunc",
-             config.host, port, "mtls" if config.tls_client_ca else "tls" if credentials else "plaintext",
+             "compiled" if backends.cpu.kernel is not None else "ufunc", config.host, port, transport,
              f"{config.metrics_host}:{config.metrics_port}" if config.metrics_port >= 0 else "off",
-             config.workers, config.max_message_mb, "token" if config.auth_token else "none",
+             config.workers, config.max_message_mb, auth,
              extra={"fields": {"event": "serving", "version": __version__, "backend": backends.default_name,
-                               "port": port, "metrics_port": config.metrics_port}})
+                               "port": port, "metrics_port": config.metrics_port, "tls": transport, "auth": auth,
+                               "workers": config.workers}})
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
