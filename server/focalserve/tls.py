@@ -48,7 +48,9 @@ class CertificateFiles:
         before = _signature(self._paths)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
-            context.load_cert_chain(self.cert, self.key)  # also checks that the key is the certificate's
+            # also checks that the key is the certificate's; an encrypted key (which gRPC cannot use either)
+            # fails instead of OpenSSL asking for its passphrase on the terminal
+            context.load_cert_chain(self.cert, self.key, password=lambda: b"")
         except ssl.SSLError as e:
             raise ValueError(f"--tls-cert/--tls-key ({self.cert}, {self.key}): not a matching PEM certificate "
                              f"and private key ({e.reason or e})") from None
