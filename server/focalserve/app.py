@@ -110,6 +110,7 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
 
 def start_metrics(config: Config, backends: BackendSet) -> None:
     metrics.BUILD_INFO.labels(__version__, backends.default_name, "; ".join(backends.devices())).set(1)
+    metrics.MAX_CONCURRENT_RPCS.set(max(config.max_concurrent_rpcs, 0))
     if backends.gpu is not None:
         metrics.GPU_MEMORY.labels("used").set_function(lambda: backends.gpu.memory()[0])
         metrics.GPU_MEMORY.labels("total").set_function(lambda: backends.gpu.memory()[1])
@@ -155,6 +156,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     await asyncio.get_running_loop().run_in_executor(executor, warm_up, backends)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics.SERVING.set(1)
     log.info("focalserve %s serving: backend=%s devices=%s cpu_kernel=%s grpc=%s:%d (%s) metrics=%s workers=%d "
              "max_message_mb=%d auth=%s", __version__, backends.default_name, "; ".join(backends.devices()),
              "compiled" if backends.cpu.kernel is not None else "ufunc",
@@ -178,6 +180,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
              extra={"fields": {"event": "drain_start", "drain_delay_s": config.drain_delay_s,
                                "grace_seconds": config.grace_seconds}})
     await health_servicer.enter_graceful_shutdown()
+    metrics.SERVING.set(0)
     if config.drain_delay_s > 0:
         await asyncio.sleep(config.drain_delay_s)  # still serving: balancers see NOT_SERVING and move away
     stopped = asyncio.ensure_future(server.stop(config.grace_seconds))  # new calls refused from here
