@@ -217,3 +217,88 @@ def test_real_prometheus_fires_overload_alerts(tmp_path, prometheus_with_rules):
     finally:
         release.set()
         assert srv.stop() == 0
+
+
+# ---- the Grafana dashboard ----
+
+DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "focalserve.json"
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset",
+             "bool", "inf", "nan"}
+
+
+def _panel_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [(f"{p['title']} [{t['refId']}]", t["expr"].replace("$__rate_interval", "1m").replace("$__interval", "1m"))
+            for p in dashboard["panels"] for t in p["targets"]]
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads: identifiers outside label matchers, grouping clauses,
+    strings and durations that are not functions or keywords."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
+    text = re.sub(r"\{[^}]*\}", "", text)
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    text = re.sub(r"\[[^\]]*\]", "", text)
+    names = set()
+    for match in re.finditer(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*", text):  # not the `h` of `1h`
+        following = text[match.end():].lstrip()[:1]
+        if following != "(" and match.group().lower() not in _KEYWORDS:
+            names.add(match.group())
+    return names
+
+
+def exposed_names(metrics_text: str) -> set[str]:
+    """Every series name /metrics can show, from its TYPE lines (a labelled metric with no child yet has no
+    sample, but has its TYPE)."""
+    # a counter's TYPE line names it with or without `_total`, depending on the client library's version
+    suffixes = {"counter": ("", "_total"), "histogram": ("_bucket", "_sum", "_count", "_created"),
+                "gauge": ("",), "summary": ("_sum", "_count", "_created"), "info": ("_info",)}
+    names = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", metrics_text, re.M):
+        names |= {name + s for s in suffixes.get(kind, ("",))}
+    return names
+
+
+def test_metric_names_are_found_in_queries():
+    assert metric_names('sum(rate(grpc_server_handled_total{grpc_code!="OK"}[1m])) by (grpc_method) / up') == \
+        {"grpc_server_handled_total", "up"}
+    assert metric_names("histogram_quantile(0.5, sum by (le) (rate(focalloss_item_loss_bucket[5m] offset 1h)))") == \
+        {"focalloss_item_loss_bucket"}
+
+
+def test_dashboard_has_the_operator_panels():
+    exprs = "\n".join(expr for _, expr in _panel_queries())
+    titles = [p["title"] for p in json.loads(DASHBOARD.read_text())["panels"]]
+    assert len(titles) == len(set(titles))
+    for needed in ("histogram_quantile(0.5, sum(rate(focalloss_item_loss_bucket", "focalloss_rejected_total",
+                   "by (reason)", "focalloss_max_concurrent_rpcs", "grpc_server_started_total",
+                   "focalloss_compute_seconds_sum", "by (backend)", "focalloss_build_info"):
+        assert needed in exprs, needed
+
+
+def test_dashboard_queries_parse_and_name_exposed_metrics(promtool, tmp_path):
+    queries = _panel_queries()
+    # every query as a recording rule: `promtool check rules` parses it offline
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{i}", "expr": expr} for i, (_, expr) in enumerate(queries)]}]}
+    (tmp_path / "dashboard.yml").write_text(yaml.safe_dump(rules))
+    r = subprocess.run([promtool, "check", "rules", tmp_path / "dashboard.yml"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and f"SUCCESS: {len(queries)} rules found" in r.stdout, r.stdout + r.stderr
+
+    metrics_port = free_port()
+    srv = start_server(tmp_path, "--metrics-port", str(metrics_port))
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+            exposed = exposed_names(reply.read().decode())
+    finally:
+        assert srv.stop() == 0
+    for title, expr in queries:
+        missing = metric_names(expr) - exposed
+        assert not missing, f"panel {title!r} reads {missing}, which focalserve's /metrics does not have"
+    # and the alert rules, for the same reason (recording rules' own names and `up` aside)
+    rules = yaml.safe_load(RULES.read_text())["groups"][0]["rules"]
+    recorded = {r["record"] for r in rules if "record" in r}
+    for rule in rules:
+        missing = metric_names(rule["expr"]) - exposed - {"up"} - recorded
+        assert not missing, f"{rule.get('alert') or rule['record']} reads {missing}"
