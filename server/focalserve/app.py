@@ -20,7 +20,7 @@ from focalloss.v1 import focal_loss_pb2 as pb
 from focalserve_client.client import build_request
 from focalserve_client.tensor import encode
 
-from . import __version__, metrics
+from . import __version__, metrics, tracing
 from .backends import BackendSet, NumpyBackend, cpu_kernel, measure_crossover
 from .config import Config, parse_args
 from .interceptors import AuthInterceptor, ConcurrencyLimitInterceptor, MetricsInterceptor
@@ -131,6 +131,8 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
         options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
                     ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]
     interceptors = [MetricsInterceptor()]
+    if tracing.setup():
+        interceptors[:0] = tracing.server_interceptors()
     if config.auth_token:
         interceptors.append(AuthInterceptor(config.auth_token))
     if config.max_concurrent_rpcs > 0:
@@ -195,6 +197,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     log.info("drain: calls finished after %.2fs", time.monotonic() - started,
              extra={"fields": {"event": "drain_calls_done", "seconds": round(time.monotonic() - started, 3)}})
     executor.shutdown(wait=True)
+    tracing.shutdown()
     log.info("drain: stopped", extra={"fields": {"event": "drain_done"}})
     return 0
 
