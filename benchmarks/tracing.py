@@ -13,6 +13,7 @@ round's median call latency; an overhead is the median of the rounds' difference
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import statistics
@@ -105,13 +106,13 @@ def main() -> None:
     try:
         for stub in [*stubs.values(), propagating]:  # warm every connection and code path
             latencies(stub.Compute, requests[1024], 20)
-        for _ in range(rounds):
+        order = [*stubs, "propagating"]
+        for r in range(rounds):
             for n, count in calls.items():
-                for name, stub in stubs.items():
-                    medians.setdefault((n, name), []).append(statistics.median(latencies(stub.Compute, requests[n], count)))
-                with tracer.start_as_current_span("caller"):
-                    medians.setdefault((n, "propagating"), []).append(
-                        statistics.median(latencies(propagating.Compute, requests[n], count)))
+                for name in order[r % len(order):] + order[:r % len(order)]:  # each goes first in turn
+                    with tracer.start_as_current_span("caller") if name == "propagating" else contextlib.nullcontext():
+                        call = (propagating if name == "propagating" else stubs[name]).Compute
+                        medians.setdefault((n, name), []).append(statistics.median(latencies(call, requests[n], count)))
         time.sleep(1.0)  # the batch processor's schedule delay is 5 s by default: let a batch go out
     finally:
         for channel in channels.values():

@@ -205,6 +205,7 @@ def test_real_prometheus_fires_overload_alerts(tmp_path, prometheus_with_rules):
             release.set()
             summary = list(holder)
         assert wanted <= set(firing), f"after {refused} refusals, firing: {sorted(firing)}"
+        print(f"\nafter {refused} refusals, Prometheus /api/v1/alerts: {json.dumps(firing['FocalserveOverloadRefusals'])}")
         overload = firing["FocalserveOverloadRefusals"]
         assert overload["labels"]["instance"] == f"127.0.0.1:{metrics_port}"
         assert overload["labels"]["job"] == "focalserve" and overload["labels"]["severity"] == "warning"

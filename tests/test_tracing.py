@@ -131,6 +131,7 @@ def test_client_call_continues_the_callers_trace(traced, receiver, tracer):
             "rpc.grpc.status_code": 0}.items() <= call["attributes"].items()
     assert call["status"].code != trace_pb2.Status.STATUS_CODE_ERROR
     assert call["resource"]["service.name"] == "focalserve-under-test"
+    print(f"\ncaller's span {trace_id}/{step_span_id}; received: {json.dumps(call, default=str)}")
 
 
 def test_a_failed_call_is_traced_and_its_log_line_carries_the_trace_id(traced, receiver, tracer):

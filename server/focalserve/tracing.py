@@ -130,6 +130,9 @@ def compute_span(request_id: str):
     or None when tracing is off)."""
     if _tracer is None:
         return _NULL
+    call = _call.get()
+    if call is not None and not call[0].is_recording():  # the sampler dropped this trace
+        return _NULL
     return _compute_span(request_id)
 
 
