@@ -191,7 +191,14 @@ def test_real_prometheus_fires_overload_alerts(tmp_path, prometheus_with_rules):
 
             # An open ComputeStream that sends nothing holds the one slot: every other call is refused.
             holder = stub.ComputeStream(held_requests(), timeout=120)
-            refused = 0
+            for _ in range(100):  # until the server has started the stream (its call may still be on its way)
+                try:
+                    stub.Compute(request, timeout=5)
+                    time.sleep(0.05)
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+                    break
+            refused = 1
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and not wanted <= set(firing):
                 for _ in range(5):
