@@ -67,5 +67,10 @@ $(BENCH_VENV)/.installed: requirements.lock requirements-bench.txt $(STUBS)
 	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e client -e server
 	touch $@
 
+# Alert rules: deploy/prometheus/alerts.yml and deploy/k8s/prometheusrule.yaml from deploy/prometheus/thresholds.yml.
+.PHONY: alerts
+alerts: $(DEPS)
+	$(PY) deploy/prometheus/render_alerts.py
+
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) client/focalloss build server/build *.egg-info client/*.egg-info server/*.egg-info server/focalserve/backends/*.so

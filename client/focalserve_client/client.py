@@ -23,6 +23,7 @@ from grpc_status import rpc_status
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 
+from . import tracing
 from .combine import reduced_loss
 from .tensor import decode, encode
 
@@ -185,7 +186,7 @@ class FocalLossClient:
         ]
         self._channel = (grpc.secure_channel(target, credentials, channel_options) if credentials
                          else grpc.insecure_channel(target, channel_options))
-        self._stub = pb_grpc.FocalLossServiceStub(self._channel)
+        self._stub = pb_grpc.FocalLossServiceStub(tracing.intercept(self._channel))  # the caller's trace context
         self._server_max: int | None = None
 
     def close(self) -> None:

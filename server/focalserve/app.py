@@ -21,7 +21,7 @@ from focalloss.v1 import focal_loss_pb2 as pb
 from focalserve_client.client import build_request
 from focalserve_client.tensor import encode
 
-from . import __version__, metrics, reflection, tls
+from . import __version__, metrics, reflection, tls, tracing
 from .backends import BackendSet, NumpyBackend, cpu_kernel, measure_crossover
 from .config import Config, parse_args
 from .interceptors import AuthInterceptor, ConcurrencyLimitInterceptor, MetricsInterceptor
@@ -138,6 +138,7 @@ def _bind_error(host: str, port: int, reuse_port: bool, *, only_in_use: bool = F
 
 def start_metrics(config: Config, backends: BackendSet) -> None:
     metrics.BUILD_INFO.labels(__version__, backends.default_name, "; ".join(backends.devices())).set(1)
+    metrics.MAX_CONCURRENT_RPCS.set(max(config.max_concurrent_rpcs, 0))
     if backends.gpu is not None:
         metrics.GPU_MEMORY.labels("used").set_function(lambda: backends.gpu.memory()[0])
         metrics.GPU_MEMORY.labels("total").set_function(lambda: backends.gpu.memory()[1])
@@ -164,6 +165,8 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     interceptors = [MetricsInterceptor()]
     if config.tls_client_allow:
         interceptors.append(tls.ClientIdentityInterceptor(config.tls_client_allow))
+    if tracing.setup():
+        interceptors[:0] = tracing.server_interceptors()
     if config.auth_token:
         interceptors.append(AuthInterceptor(config.auth_token))
     if config.max_concurrent_rpcs > 0:
@@ -199,6 +202,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     await asyncio.get_running_loop().run_in_executor(executor, warm_up, backends)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics.SERVING.set(1)
     transport = "mtls" if config.tls_client_ca else "tls" if credentials else "plaintext"
     auth = "token" if config.auth_token else "none"
     log.info("focalserve %s serving: backend=%s devices=%s cpu_kernel=%s grpc=%s:%d (%s) metrics=%s workers=%d "
@@ -224,6 +228,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
              extra={"fields": {"event": "drain_start", "drain_delay_s": config.drain_delay_s,
                                "grace_seconds": config.grace_seconds}})
     await health_servicer.enter_graceful_shutdown()
+    metrics.SERVING.set(0)
     if config.drain_delay_s > 0:
         await asyncio.sleep(config.drain_delay_s)  # still serving: balancers see NOT_SERVING and move away
     stopped = asyncio.ensure_future(server.stop(config.grace_seconds))  # new calls refused from here
@@ -238,6 +243,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     log.info("drain: calls finished after %.2fs", time.monotonic() - started,
              extra={"fields": {"event": "drain_calls_done", "seconds": round(time.monotonic() - started, 3)}})
     executor.shutdown(wait=True)
+    tracing.shutdown()
     log.info("drain: stopped", extra={"fields": {"event": "drain_done"}})
     return 0
 

@@ -38,3 +38,8 @@ GPU_MEMORY = Gauge("focalloss_gpu_memory_bytes", "GPU memory of the device in us
 BUILD_INFO = Gauge("focalloss_build_info", "Always 1; labels say what is running.", ("version", "backend", "device"))
 GPU_FALLBACKS = Counter("focalloss_gpu_fallbacks_total", "Items the GPU had no memory for, computed on the CPU.")
 REJECTED = Counter("focalloss_rejected_total", "Calls refused before any work, by reason.", ("reason",))
+# For alerts (deploy/prometheus/alerts.yml): readiness as the health service reports it, and the configured
+# call limit that saturation is measured against.
+SERVING = Gauge("focalloss_serving", "1 while the health service says SERVING; 0 while warming up or draining.")
+MAX_CONCURRENT_RPCS = Gauge("focalloss_max_concurrent_rpcs",
+                            "The --max-concurrent-rpcs limit on FocalLossService calls (0: no limit).")

@@ -23,7 +23,7 @@ from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 from focalserve_client.combine import normalized_loss
 from focalserve_client.tensor import length_delimited, tensor_field
 
-from . import __version__, metrics, wire
+from . import __version__, metrics, tracing, wire
 from .backends import BackendSet
 from .errors import RequestError, internal_status
 from .request import LOGIT_DTYPES, Limits, parse
@@ -73,7 +73,7 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
             metrics.REJECTED.labels("deadline").inc()
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, ("grpc-timeout", "the deadline passed before the work started"))
         metrics.REQUEST_BYTES.observe(received.size)
-        with metrics.INFLIGHT.track_inprogress():
+        with metrics.INFLIGHT.track_inprogress(), tracing.compute_span(request.request_id) as span:
             try:
                 job = parse(request, self._limits, received.payloads)
                 result = self._backends.run(job)
@@ -81,6 +81,7 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
                 if e.reason == "nonfinite":
                     metrics.NONFINITE_INPUTS.inc()
                 raise
+            tracing.annotate(span, job.label_format, result)
         metrics.ELEMENTS.labels(result.backend, job.label_format).inc(result.elements)
         metrics.COMPUTE_SECONDS.labels(result.backend).observe(result.compute_seconds)
         if result.elements:
@@ -113,7 +114,7 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
         work = self._compute_item if item else self.compute
         if request.size <= INLINE_BYTES:
             return work(request, deadline)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, work, request, deadline)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, tracing.bind(work), request, deadline)
 
     # ---- RPCs ----
 
