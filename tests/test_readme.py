@@ -469,3 +469,26 @@ def test_node_client_options_named(node_modules, tmp_path):  # noqa: F811
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [], f"options the README lists that the client ignores: {result.stdout}"
+
+
+def test_defaults_views_and_empty_mean(server):
+    """What it computes: the stated α and γ defaults are the service's; a single response's arrays are
+    read-only views; MEAN over zero elements is NaN."""
+    text = _readme()
+    m = re.search(r"Defaults: α = ([0-9.]+), γ = ([0-9.]+)\.", text)
+    assert m, "the README no longer states the α/γ defaults"
+    alpha, gamma = float(m.group(1)), float(m.group(2))
+    assert "MEAN over zero elements is NaN" in text and "read-only views of its bytes" in text
+    rng = np.random.default_rng(15)
+    logit = rng.normal(0, 3, (4, 5)).astype(np.float32)
+    label = (rng.random((4, 5)) < 0.3).astype(np.float32)
+    with FocalLossClient(server.target) as client:
+        implicit = client.compute(logit, label, reduction="none", compute_grad=True)
+        explicit = client.compute(logit, label, reduction="none", compute_grad=True, alpha=alpha, gamma=gamma)
+        other = client.compute(logit, label, reduction="none", alpha=alpha, gamma=gamma + 1)
+        np.testing.assert_array_equal(implicit.loss, explicit.loss)
+        np.testing.assert_array_equal(implicit.grad, explicit.grad)
+        assert not np.array_equal(implicit.loss, other.loss), "γ changes nothing: the comparison proves nothing"
+        assert not implicit.loss.flags.writeable and not implicit.grad.flags.writeable
+        empty = client.compute(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32), reduction="mean")
+        assert empty.loss.shape == () and np.isnan(empty.loss)
