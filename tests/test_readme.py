@@ -20,7 +20,8 @@ A block runs in a scratch directory that mirrors the repository root (one symlin
 at the environment running the suite), so relative paths work as in a checkout and the files a block writes
 land in the scratch directory; `localhost:50051` in the block is replaced by the address of a test server
 (the CPU backend, whose output the README shows), FOCALSERVE_TARGET is set to it, and `.venv/bin` comes first
-on PATH.
+on PATH. What a block writes through a linked directory lands in the checkout (`npm ci` in client/node
+installs its node_modules, as test_node_client.py does).
 """
 
 from __future__ import annotations
@@ -455,7 +456,8 @@ console.log(JSON.stringify(unread));
 """
 
 
-@pytest.mark.skipif(not shutil.which("node"), reason="node is not on PATH: the Node.js client is not tested")
+@pytest.mark.skipif(not (shutil.which("node") and shutil.which("npm")),
+                    reason="node and npm are not on PATH: the Node.js client is not tested")
 def test_node_client_options_named(node_modules, tmp_path):  # noqa: F811
     """Use it from Node.js: every option the README lists is one the client reads (a wrong value is refused
     naming it, or it reaches the request)."""
