@@ -414,8 +414,9 @@ def test_named_paths_exist():
 
 
 def test_python_client_api():
-    """Use it from Python: compute()'s keywords, ComputeResult's and FocalLossError's fields, and the retry
-    policy (0.1 s doubling to 2 s, 5 attempts, UNAVAILABLE and CANCELLED) are the client's."""
+    """Use it from Python: compute()'s keywords, ComputeResult's and FocalLossError's fields, the default
+    deadline, the client's dependencies and the retry policy (0.1 s doubling to 2 s, 5 attempts, UNAVAILABLE
+    and CANCELLED) are the client's."""
     text = _readme()
     m = re.search(r"`compute\(logit, label, \*, (.*?)\)` returns", text, re.S)
     assert m, "the README no longer lists compute()'s keywords"
@@ -427,6 +428,15 @@ def test_python_client_api():
     error = FocalLossError(grpc.StatusCode.INVALID_ARGUMENT, "alpha: bad", [("alpha", "bad")])
     assert (error.code, error.message, error.violations) == (grpc.StatusCode.INVALID_ARGUMENT, "alpha: bad",
                                                             [("alpha", "bad")])
+    deadline = re.search(r"Every call has a deadline \(`timeout`, default (\d+) s\)", text)
+    assert deadline, "the README no longer states the default deadline"
+    assert inspect.signature(FocalLossClient).parameters["timeout"].default == float(deadline.group(1))
+    needs = re.search(r"installable as `focalserve-client`\) needs only (.*?)\.\n", text, re.S)
+    assert needs, "the README no longer lists the client's dependencies"
+    stated = {n.strip().lower() for n in re.split(r",|\band\b", needs.group(1).replace("\n", " ")) if n.strip()}
+    pyproject = (REPO / "client" / "pyproject.toml").read_text()
+    declared = re.search(r"^dependencies = \[(.*?)\]", pyproject, re.S | re.M).group(1)
+    assert stated == {re.match(r"[\w.-]+", d).group(0).lower() for d in re.findall(r'"([^"]+)"', declared)}
     retry = re.search(r"exponential backoff \((\S+) s doubling to (\S+) s, (\d+) attempts\)", text)
     assert retry, "the README no longer states the retry policy"
     policy = json.loads(client_module.service_config())["methodConfig"][0]["retryPolicy"]
