@@ -383,14 +383,20 @@ def test_metrics_table_matches_metrics(tmp_path):
 
 
 def test_make_targets_exist():
-    """Every `make TARGET` the README names is a target of the Makefile, which exports the allocator settings
-    the README says `make serve` sets."""
+    """Every `make TARGET` the README names is a target of the Makefile, `make serve ARGS=...` hands the flags
+    to the server, and the Makefile exports the allocator settings the README says `make serve` sets."""
     makefile = (REPO / "Makefile").read_text()
     targets = set(re.findall(r"^([\w-]+(?: [\w-]+)*):", makefile, re.M))
     targets = {t for line in targets for t in line.split()}
     named = set(re.findall(r"\bmake ([a-z][\w-]*)", _readme()))
     assert named, "the README names no make target"
     assert named - targets == set(), f"make targets the README names but the Makefile lacks: {named - targets}"
+    serve = re.search(r'`make serve ARGS="([^"]+)"`', _readme())
+    assert serve, "the README no longer shows how `make serve` takes flags"
+    dry = subprocess.run(["make", "-n", "serve", f"ARGS={serve.group(1)}"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert dry.returncode == 0 and dry.stdout.rstrip().splitlines()[-1].endswith(
+        f"-m focalserve {serve.group(1)}"), dry.stdout + dry.stderr
     for name, value in re.findall(r"`(MALLOC_\w+)=(\d+)`", _readme()):
         assert re.search(rf"^export {name} \?= {value}$", makefile, re.M), f"{name}={value} not set by the Makefile"
 
