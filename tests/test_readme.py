@@ -14,7 +14,8 @@ Marking a block in README.md: an HTML comment (invisible on GitHub) on the line 
 
 `needs=TOOL,TOOL` after the kind (e.g. `<!-- readme-test: sh needs=node,npm -->`) skips the block, with the
 reason, where a tool is not on PATH. Every fenced block in a shell, Python or JavaScript language must carry a
-marker (a run kind or `skip REASON`), so a new example is either run or consciously left out.
+marker (a run kind or `skip REASON`), so a new example is either run or consciously left out. ```promql blocks
+need none: test_operations.py sends each of their lines to a real Prometheus (promql_examples()).
 
 A block runs in a scratch directory that mirrors the repository root (one symlink per entry, `.venv` pointing
 at the environment running the suite), so relative paths work as in a checkout and the files a block writes
@@ -116,6 +117,13 @@ def readme_blocks(text: str) -> list[Block]:
 
 BLOCKS = readme_blocks(README.read_text())
 RUNNABLE = [b for b in BLOCKS if b.kind in RUN_KINDS]
+
+
+def promql_examples() -> list[str]:
+    """The queries of the README's ```promql blocks, comments dropped: test_operations.py runs them on a real
+    Prometheus scraping a real server."""
+    return [re.sub(r"\s+#.*$", "", line).strip() for b in BLOCKS if b.lang == "promql"
+            for line in b.code.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
 def output_matches(expected: str, actual: str) -> bool:
