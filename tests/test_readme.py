@@ -35,6 +35,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -518,3 +519,43 @@ def test_defaults_views_and_empty_mean(server):
         assert not implicit.loss.flags.writeable and not implicit.grad.flags.writeable
         empty = client.compute(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32), reduction="mean")
         assert empty.loss.shape == () and np.isnan(empty.loss)
+
+
+def _states_after_a_call(srv, seconds: float) -> list[grpc.ChannelConnectivity]:
+    """The connectivity states a channel goes through in `seconds` after one call, with no further calls."""
+    states: list[grpc.ChannelConnectivity] = []
+    left_ready = threading.Event()
+
+    def record(state):
+        states.append(state)
+        if states.count(grpc.ChannelConnectivity.READY) and state != grpc.ChannelConnectivity.READY:
+            left_ready.set()
+
+    with grpc.insecure_channel(srv.target) as channel:
+        channel.subscribe(record)
+        with FocalLossClient(srv.target) as client:  # a call through another channel: the server is up
+            client.compute(np.array([0.5], np.float32), np.array([1.0], np.float32))
+        grpc.channel_ready_future(channel).result(timeout=10)
+        left_ready.wait(seconds)
+        channel.unsubscribe(record)
+    return states
+
+
+def test_max_connection_age_closes_idle_connections(tmp_path):
+    """`--max-connection-age-s`: the server closes a connection after that age (the client's channel leaves
+    READY by itself); without the flag the same connection stays READY for longer."""
+    row = next(r for r in _table("Running it") if "--max-connection-age-s" in r[0])
+    assert "close connections after this age" in row[3], row
+    aged = start_server(tmp_path, "--workers", "1", "--max-connection-age-s", "1")
+    try:
+        states = _states_after_a_call(aged, 30)
+    finally:
+        aged.stop()
+    ready = states.index(grpc.ChannelConnectivity.READY)
+    assert any(s != grpc.ChannelConnectivity.READY for s in states[ready:]), states
+    plain = start_server(tmp_path, "--workers", "1")
+    try:
+        states = _states_after_a_call(plain, 5)
+    finally:
+        plain.stop()
+    assert states[-1] == grpc.ChannelConnectivity.READY, states
