@@ -559,3 +559,35 @@ def test_max_connection_age_closes_idle_connections(tmp_path):
     finally:
         plain.stop()
     assert states[-1] == grpc.ChannelConnectivity.READY, states
+
+
+def _size(text: str) -> int:
+    number, unit = re.fullmatch(r"(\d+) ?(KiB|K|MiB)", text).groups()
+    return int(number) * {"K": 1024, "KiB": 1024, "MiB": 2**20}[unit]
+
+
+def test_stated_thresholds_are_the_codes():
+    """The CPU backend: the kernel's block, the in-place reading and the event-loop thresholds the README
+    states are the constants the server uses."""
+    from focalserve import service
+    from focalserve.backends import numpy_backend
+
+    text = _readme()
+    block = re.search(r"one pass per block of (\d+K) elements", text)
+    in_place = re.search(r"Requests from (\d+ KiB) are read in place", text)
+    inline = re.search(r"requests up to (\d+ KiB) \(~[\d.]+K\s+elements\) are computed on the event loop", text)
+    assert block and in_place and inline, "the README no longer states these thresholds"
+    assert numpy_backend.BLOCK_ELEMENTS_COMPILED == _size(block.group(1))
+    assert service.ZERO_COPY_BYTES == _size(in_place.group(1))
+    assert service.INLINE_BYTES == _size(inline.group(1))
+
+
+def test_cli_module_is_the_console_script(server):
+    """`python -m focalserve_client ...` is the same program as `.venv/bin/focalserve-client ...`."""
+    env = {**os.environ, "FOCALSERVE_TARGET": server.target}
+    script = Path(sys.prefix) / "bin" / "focalserve-client"
+    assert "python -m focalserve_client" in _readme()
+    outputs = [subprocess.run(command + ["info"], capture_output=True, text=True, env=env, timeout=60)
+               for command in ([str(script)], [sys.executable, "-m", "focalserve_client"])]
+    assert [o.returncode for o in outputs] == [0, 0], [o.stderr for o in outputs]
+    assert outputs[0].stdout == outputs[1].stdout and '"version"' in outputs[0].stdout
