@@ -52,7 +52,7 @@ README = REPO / "README.md"
 README_TARGET = "localhost:50051"
 RUN_KINDS = ("python", "sh", "node")
 MARKER = re.compile(r"^<!--\s*readme-test:\s*(\S+)\s*(.*?)\s*-->\s*$")
-FENCE = re.compile(r"^(```+|~~~+)\s*([\w+-]*)")
+FENCE = re.compile(r"^ {0,3}(```+|~~~+)\s*([\w+-]*)")  # indented up to 3 spaces: still a fence
 # Fenced blocks in these languages are examples a reader would run: each needs a marker.
 RUNNABLE_LANGS = {"python", "py", "python3", "sh", "bash", "shell", "console", "js", "javascript", "node", "mjs"}
 BLOCK_TIMEOUT = 240  # the sh block of the Node.js section runs `npm ci`
@@ -70,7 +70,7 @@ class Block:
     @property
     def needs(self) -> list[str]:
         m = re.search(r"\bneeds=(\S+)", self.args)
-        return ([*m.group(1).split(",")] if m else []) + (["node"] if self.kind == "node" else [])
+        return (m.group(1).split(",") if m else []) + (["node"] if self.kind == "node" else [])
 
     @property
     def id(self) -> str:
@@ -94,7 +94,7 @@ def readme_blocks(text: str) -> list[Block]:
             fence, start = f.group(1), i
             i += 1
             body = []
-            while i < len(lines) and not lines[i].startswith(fence):
+            while i < len(lines) and not lines[i].lstrip().startswith(fence):
                 body.append(lines[i])
                 i += 1
             block = Block(start + 1, f.group(2).lower(), "\n".join(body) + "\n")
@@ -321,21 +321,25 @@ def test_flag_table_matches_the_parser(monkeypatch):
             listed.add(flag)
             assert re.search(rf"(^|\s){re.escape(flag)}\b", help_text, re.M), f"{flag} not in --help"
             field = flag[2:].replace("-", "_")
+            default = getattr(defaults, field if flag != "--auth-token-file" else "auth_token")
+            choices = re.search(rf"{re.escape(flag)} \{{([^}}]+)\}}", help_text)
             if flag == "--auth-token-file":  # the environment holds the token itself, not a file name
-                field, value = "auth_token", "s3cret"
+                field, value, expected = "auth_token", "s3cret", ("s3cret",)
+            elif isinstance(default, bool):
+                value, expected = "1", ("True",)
+            elif choices:  # an enum: any choice but the default
+                value = next(c for c in choices.group(1).split(",") if c != default)
+                expected = (value,)
             else:
-                value = "1" if isinstance(getattr(defaults, field), bool) else "7"
-                if field in ("backend", "cpu_kernel", "log_format"):
-                    value = {"backend": "gpu", "cpu_kernel": "ufunc", "log_format": "json"}[field]
+                value, expected = "7", ("7", "7.0")
             if field.startswith("tls_"):  # the key goes with the certificate, a client CA needs both
                 monkeypatch.setenv("FOCALSERVE_TLS_CERT", "c.pem")
                 monkeypatch.setenv("FOCALSERVE_TLS_KEY", "k.pem")
             monkeypatch.setenv(env, value)
             got = getattr(config.parse_args([]), field)
-            assert str(got).lower() in (value, f"{value}.0", "true"), f"{env}={value}: {field} = {got!r}"
+            assert str(got) in expected, f"{env}={value}: {field} = {got!r}"
             for name in [k for k in os.environ if k.startswith("FOCALSERVE_")]:
                 monkeypatch.delenv(name)
-            default = getattr(defaults, field if field != "auth_token" else "auth_token")
             stated = row[2].strip("`").split(" ")[0]
             if stated == "off":
                 assert default in (False, ""), f"{flag}: default {default!r}, README says off"
