@@ -1,6 +1,8 @@
 'use strict';
 // The Node.js client against a running focalserve.
 //   FOCALSERVE_TARGET=host:port  the server (tests that need it skip without it)
+//   FOCALSERVE_AUTH_TARGET=host:port, FOCALSERVE_AUTH_TOKEN=token   a server that wants that bearer token
+//                                (the token tests skip without them)
 //   FOCALSERVE_NODE_CASES=file   golden cases as JSON, written by tests/test_node_client.py from the .npz files of
 //                                FOCALSERVE_GOLDEN_DIR (the golden tests skip without it)
 // Run: npm test   (node --test test/client.test.js; Node 21+ takes no bare directory after --test)
@@ -145,4 +147,30 @@ test('serverInfo', async (t) => {
   assert.ok(info.backends.includes('numpy'));
   assert.ok(info.logitDtypes.includes('DTYPE_FLOAT32'));
   assert.equal(typeof info.maxMessageBytes, 'number');
+});
+
+test('token: a server that wants one refuses a call without it or with another, and answers with it', async (t) => {
+  const target = process.env.FOCALSERVE_AUTH_TARGET;
+  const token = process.env.FOCALSERVE_AUTH_TOKEN;
+  if (!target || !token) return t.skip('FOCALSERVE_AUTH_TARGET / FOCALSERVE_AUTH_TOKEN not set');
+  for (const given of [undefined, `${token}x`]) {
+    const refused = createClient(target, { timeoutMs: 30000, token: given });
+    try {
+      await assert.rejects(refused.compute(EXAMPLE), (err) => {
+        assert.ok(err instanceof FocalLossError);
+        assert.equal(err.codeName, 'UNAUTHENTICATED');
+        return true;
+      });
+    } finally {
+      refused.close();
+    }
+  }
+  const client = createClient(target, { timeoutMs: 30000, token });
+  try {
+    const r = await client.compute(EXAMPLE);
+    assert.equal(formatG(r.loss[0]), '0.65782464');
+    assert.ok((await client.serverInfo()).backends.length > 0);
+  } finally {
+    client.close();
+  }
 });
