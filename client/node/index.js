@@ -243,7 +243,44 @@ function floatTypeFor(dtype) {
   return dtype === 'DTYPE_FLOAT64' ? Float64Array : Float32Array;
 }
 
-/** The ComputeRequest message for compute()'s arguments (throws FocalLossError INVALID_ARGUMENT on misuse). */
+const FLOAT32_ONE_BITS = 0x3f800000;
+const FLOAT64_ONE_HIGH_BITS = 0x3ff00000;
+
+/**
+ * Dense float labels that are all exactly 0 or 1 as a Uint8Array (1 byte a label on the wire instead of 4 or 8),
+ * or null at the first other value (soft labels, -100, -0, NaN). The server reads UINT8 0/1 as the same label
+ * values, so nothing it computes changes. One pass over the labels' bits, stopping early where it can.
+ */
+function hardLabels(label) {
+  const n = label.length;
+  const out = new Uint8Array(n);
+  if (label instanceof Float32Array) {
+    const bits = new Uint32Array(label.buffer, label.byteOffset, n);
+    for (let i = 0; i < n; i++) {
+      const b = bits[i];
+      if (b === FLOAT32_ONE_BITS) out[i] = 1;
+      else if (b !== 0) return null;
+    }
+    return out;
+  }
+  if (label instanceof Float64Array) {
+    const words = new Uint32Array(label.buffer, label.byteOffset, 2 * n);
+    const [lo, hi] = LITTLE_ENDIAN ? [0, 1] : [1, 0];
+    for (let i = 0; i < n; i++) {
+      const high = words[2 * i + hi];
+      if (words[2 * i + lo] !== 0) return null;
+      if (high === FLOAT64_ONE_HIGH_BITS) out[i] = 1;
+      else if (high !== 0) return null;
+    }
+    return out;
+  }
+  return null;
+}
+
+/**
+ * The ComputeRequest message for compute()'s arguments (throws FocalLossError INVALID_ARGUMENT on misuse).
+ * Dense float labels that are all 0 or 1 travel as UINT8 unless `narrowLabels: false`.
+ */
 function buildRequest(args) {
   const { logit, label } = args;
   const logitDtype = logit && LOGIT_DTYPES.get(logit.constructor);
@@ -255,10 +292,18 @@ function buildRequest(args) {
     || (CLASS_INDEX_LABEL_DTYPES.has(label.constructor) ? 'LABEL_FORMAT_CLASS_INDEX' : 'LABEL_FORMAT_DENSE');
   const classIndex = labelFormat === 'LABEL_FORMAT_CLASS_INDEX' || labelFormat === 2;
   const labelDtypes = classIndex ? CLASS_INDEX_LABEL_DTYPES : DENSE_LABEL_DTYPES;
-  const labelDtype = labelDtypes.get(label.constructor);
+  let labelDtype = labelDtypes.get(label.constructor);
   if (!labelDtype) {
     throw invalid(classIndex ? 'label: class-index labels must be an Int32Array or a BigInt64Array'
       : 'label: dense labels must be a Float32Array, a Float64Array or a Uint8Array');
+  }
+  let labelArray = label;
+  if (!classIndex && args.narrowLabels !== false && labelDtype !== 'DTYPE_UINT8') {
+    const narrow = hardLabels(label);
+    if (narrow) {
+      labelArray = narrow;
+      labelDtype = 'DTYPE_UINT8';
+    }
   }
   const labelShape = args.labelShape !== undefined ? args.labelShape
     : (classIndex ? [checkShape(shape, 'shape')[0], 1] : shape);
@@ -267,7 +312,7 @@ function buildRequest(args) {
   const request = {
     requestId: args.requestId || '',
     logit: encodeTensor(logit, logitDtype, shape, 'logit'),
-    label: encodeTensor(label, labelDtype, labelShape, 'label'),
+    label: encodeTensor(labelArray, labelDtype, labelShape, 'label'),
     labelFormat,
     reduction,
     computeGrad: Boolean(args.computeGrad),

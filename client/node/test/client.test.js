@@ -10,7 +10,7 @@ const test = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('fs');
 
-const { createClient, decodeTensor, FocalLossError } = require('..');
+const { createClient, buildRequest, decodeTensor, FocalLossError } = require('..');
 const { formatG } = require('../example');
 
 const TARGET = process.env.FOCALSERVE_TARGET;
@@ -172,5 +172,26 @@ test('token: a server that wants one refuses a call without it or with another, 
     assert.ok((await client.serverInfo()).backends.length > 0);
   } finally {
     client.close();
+  }
+});
+
+test('0/1 float labels travel as UINT8 and the server computes the same bits as from the floats', async (t) => {
+  if (!TARGET) return t.skip('FOCALSERVE_TARGET not set');
+  const n = 5000;
+  for (const [Float, Label] of [[Float32Array, Float32Array], [Float64Array, Float64Array], [Float32Array, Float64Array]]) {
+    const logit = Float.from({ length: n }, (_, i) => 20 * Math.sin(i * 0.37));
+    const label = Label.from({ length: n }, (_, i) => (i % 7 === 0 || i % 11 === 0 ? 1 : 0));
+    assert.equal(buildRequest({ logit, label }).label.dtype, 'DTYPE_UINT8');
+    assert.equal(buildRequest({ logit, label, narrowLabels: false }).label.dtype,
+      Label === Float32Array ? 'DTYPE_FLOAT32' : 'DTYPE_FLOAT64');
+    for (const reduction of ['none', 'sum']) {
+      const args = { logit, label, reduction, computeGrad: true, gamma: 1.5, alpha: 0.3 };
+      const narrow = await getClient().compute(args);
+      const wide = await getClient().compute({ ...args, narrowLabels: false });
+      const bits = (a) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+      assert.ok(bits(narrow.loss).equals(bits(wide.loss)), `${Float.name}/${Label.name} ${reduction}: loss differs`);
+      assert.ok(bits(narrow.grad).equals(bits(wide.grad)), `${Float.name}/${Label.name} ${reduction}: grad differs`);
+      assert.equal(narrow.stats.positives, wide.stats.positives);
+    }
   }
 });

@@ -70,7 +70,8 @@ test('CANCELLED by the server is retried, as the Python client does (a draining 
 
 test('a 2 MiB request is retried: the per-call retry buffer holds it (grpc-js holds 1 MiB by default)', async () => {
   const { logit, label } = batch(MiB / 4 + 1000);
-  const { error, seen } = await computeOnce(refuseFirst(grpc.status.UNAVAILABLE), { logit, label });
+  // float32 labels as they are (not narrowed to UINT8): 8 B an element
+  const { error, seen } = await computeOnce(refuseFirst(grpc.status.UNAVAILABLE), { logit, label, narrowLabels: false });
   assert.equal(error, undefined, error && error.message);
   assert.equal(seen.length, 2);
   assert.deepEqual(seen[1].request.logit.data, seen[0].request.logit.data);
@@ -79,7 +80,7 @@ test('a 2 MiB request is retried: the per-call retry buffer holds it (grpc-js ho
 
 test('a 24 MiB request is retried: the channel-wide retry buffer holds it (grpc-js holds 16 MiB by default)', async () => {
   const { logit, label } = batch(3 * MiB);
-  const { error, seen } = await computeOnce(refuseFirst(grpc.status.UNAVAILABLE), { logit, label });
+  const { error, seen } = await computeOnce(refuseFirst(grpc.status.UNAVAILABLE), { logit, label, narrowLabels: false });
   assert.equal(error, undefined, error && error.message);
   assert.equal(seen.length, 2);
   assert.equal(seen[1].request.label.data.length, label.byteLength);
@@ -192,4 +193,18 @@ test('encodeRequest: the request is one buffer holding a copy of each array (the
   const { ComputeRequest } = contract();
   const decoded = ComputeRequest.decode(bytes);
   assert.equal(new Float32Array(new Uint8Array(decoded.logit.data).buffer)[0], 1);
+});
+
+test('labels other than exactly 0 and 1 keep their float dtype (soft, ignored -100, -0, NaN), integers too', () => {
+  const keep = (label, dtype) => assert.equal(buildRequest({ logit: new Float32Array(label.length), label }).label.dtype, dtype);
+  keep(new Float32Array([0, 1, 0.5]), 'DTYPE_FLOAT32');
+  keep(new Float32Array([1, -100, 0]), 'DTYPE_FLOAT32');
+  keep(new Float32Array([1, -0, 0]), 'DTYPE_FLOAT32');
+  keep(new Float32Array([NaN, 1]), 'DTYPE_FLOAT32');
+  keep(new Float64Array([1, 1 + 2 ** -52]), 'DTYPE_FLOAT64');
+  keep(new Float64Array([0, 2 ** -1074]), 'DTYPE_FLOAT64');
+  keep(new Float64Array([0, 1, 1, 0]), 'DTYPE_UINT8');
+  keep(new Float32Array([]), 'DTYPE_UINT8');
+  const r = buildRequest({ logit: new Float32Array(3), label: new Float64Array([1, 0, 1]) });
+  assert.deepEqual(Array.from(r.label.data), [1, 0, 1]);
 });
