@@ -277,9 +277,21 @@ function hardLabels(label) {
   return null;
 }
 
+/** Class-index labels of a BigInt64Array as an Int32Array where every one fits (4 bytes a label, not 8), or null. */
+function int32Labels(label) {
+  const out = new Int32Array(label.length);
+  for (let i = 0; i < label.length; i++) {
+    const v = label[i];
+    if (v < -2147483648n || v > 2147483647n) return null;
+    out[i] = Number(v);
+  }
+  return out;
+}
+
 /**
  * The ComputeRequest message for compute()'s arguments (throws FocalLossError INVALID_ARGUMENT on misuse).
- * Dense float labels that are all 0 or 1 travel as UINT8 unless `narrowLabels: false`.
+ * Dense float labels that are all 0 or 1 travel as UINT8, BigInt64Array class-index labels as INT32 where they
+ * fit, unless `narrowLabels: false`.
  */
 function buildRequest(args) {
   const { logit, label } = args;
@@ -298,11 +310,12 @@ function buildRequest(args) {
       : 'label: dense labels must be a Float32Array, a Float64Array or a Uint8Array');
   }
   let labelArray = label;
-  if (!classIndex && args.narrowLabels !== false && labelDtype !== 'DTYPE_UINT8') {
-    const narrow = hardLabels(label);
+  if (args.narrowLabels !== false && (labelDtype === 'DTYPE_FLOAT32' || labelDtype === 'DTYPE_FLOAT64'
+    || labelDtype === 'DTYPE_INT64')) {
+    const narrow = classIndex ? int32Labels(label) : hardLabels(label);
     if (narrow) {
       labelArray = narrow;
-      labelDtype = 'DTYPE_UINT8';
+      labelDtype = classIndex ? 'DTYPE_INT32' : 'DTYPE_UINT8';
     }
   }
   const labelShape = args.labelShape !== undefined ? args.labelShape

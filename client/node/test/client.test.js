@@ -5,7 +5,7 @@
 //                                (the token tests skip without them)
 //   FOCALSERVE_NODE_CASES=file   golden cases as JSON, written by tests/test_node_client.py from the .npz files of
 //                                FOCALSERVE_GOLDEN_DIR (the golden tests skip without it)
-// Run: npm test   (node --test test/client.test.js; Node 21+ takes no bare directory after --test)
+// Run: npm test   (node --test test/client.test.js test/transport.test.js; Node 21+ takes no bare directory after --test)
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('fs');
@@ -175,7 +175,7 @@ test('token: a server that wants one refuses a call without it or with another, 
   }
 });
 
-test('0/1 float labels travel as UINT8 and the server computes the same bits as from the floats', async (t) => {
+test('0/1 float labels travel as UINT8, int64 class indices as INT32: the server computes the same bits', async (t) => {
   if (!TARGET) return t.skip('FOCALSERVE_TARGET not set');
   const n = 5000;
   for (const [Float, Label] of [[Float32Array, Float32Array], [Float64Array, Float64Array], [Float32Array, Float64Array]]) {
@@ -194,4 +194,13 @@ test('0/1 float labels travel as UINT8 and the server computes the same bits as 
       assert.equal(narrow.stats.positives, wide.stats.positives);
     }
   }
+  // class-index labels held as BigInt64Array travel as INT32
+  const logit = Float64Array.from({ length: 300 }, (_, i) => 9 * Math.cos(i));
+  const label = BigInt64Array.from({ length: 100 }, (_, i) => BigInt((i % 5) - 1));
+  const args = { logit, label, shape: [100, 3], reduction: 'none', computeGrad: true };
+  assert.equal(buildRequest(args).label.dtype, 'DTYPE_INT32');
+  const narrow = await getClient().compute(args);
+  const wide = await getClient().compute({ ...args, narrowLabels: false });
+  assert.deepEqual(Buffer.from(narrow.loss.buffer), Buffer.from(wide.loss.buffer));
+  assert.deepEqual(Buffer.from(narrow.grad.buffer), Buffer.from(wide.grad.buffer));
 });

@@ -208,3 +208,14 @@ test('labels other than exactly 0 and 1 keep their float dtype (soft, ignored -1
   const r = buildRequest({ logit: new Float32Array(3), label: new Float64Array([1, 0, 1]) });
   assert.deepEqual(Array.from(r.label.data), [1, 0, 1]);
 });
+
+test('BigInt64Array class-index labels travel as INT32 where every one fits', () => {
+  const logit = new Float32Array(6);
+  const fits = buildRequest({ logit, label: BigInt64Array.from([1n, -1n, 0n]), shape: [3, 2] }).label;
+  assert.equal(fits.dtype, 'DTYPE_INT32');
+  assert.deepEqual(Array.from(new Int32Array(new Uint8Array(fits.data).buffer)), [1, -1, 0]);
+  const big = BigInt64Array.from([1n, 2n ** 31n, 0n]);
+  assert.equal(buildRequest({ logit, label: big, shape: [3, 2] }).label.dtype, 'DTYPE_INT64');
+  assert.equal(buildRequest({ logit, label: BigInt64Array.from([1n, 0n, 0n]), shape: [3, 2], narrowLabels: false })
+    .label.dtype, 'DTYPE_INT64');
+});
