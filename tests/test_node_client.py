@@ -117,3 +117,18 @@ def test_node_example(server, node_modules):
     assert result.returncode == 0, f"node example.js failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     assert "loss 0.65782464" in result.stdout, result.stdout
     assert re.search(r"^grad \[\[-0\.0069988\d*, ", result.stdout, re.M), result.stdout
+
+
+def test_node_benchmark_script(server, node_modules):
+    """benchmarks/node_client.js (read by benchmarks/client.py): one JSON line with its three keys, at a small size."""
+    script = str(REPO / "benchmarks" / "node_client.js")
+    for extra in ([], ["--no-grad"]):
+        result = _run([NODE, script, "--target", server.target, "--elements", "4096", "--repeat", "3", *extra], 120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = result.stdout.strip().splitlines()
+        assert len(lines) == 1, result.stdout
+        figures = json.loads(lines[0])
+        assert set(figures) == {"elements_per_s", "elements", "repeat"}, figures
+        assert figures["elements"] == 4096 and figures["repeat"] == 3 and figures["elements_per_s"] > 0, figures
+    bad = _run([NODE, script, "--target", server.target, "--elements", "0", "--repeat", "3"], 60)
+    assert bad.returncode == 2 and "--elements must be a positive integer" in bad.stderr, bad.stderr
