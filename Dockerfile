@@ -15,10 +15,10 @@ ARG BASE_IMAGE=python:3.12-slim
 ARG GPU_BASE_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------------------
-# wheels: the gRPC stubs (as `make stubs` makes them) and the two distributions, built once for both targets:
+# wheels: the two distributions (the client with its committed gRPC stubs), built once for both targets:
 # the client is pure Python, the server carries its compiled CPU kernel (g++, server/setup.py), so its wheel
 # is for this base's Python; the GPU base's python3 must be the same version (3.12 for the defaults).
-# grpcio-tools, setuptools and the compiler live only here.
+# setuptools and the compiler live only here.
 FROM ${BASE_IMAGE} AS wheels
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 # The base's own compiler; its version follows the base image's security updates.
@@ -30,17 +30,13 @@ WORKDIR /src
 COPY requirements.lock requirements-runtime.lock ./
 RUN --mount=type=secret,id=pipcert,required=false \
     if [ -s /run/secrets/pipcert ]; then export PIP_CERT=/run/secrets/pipcert; fi \
- && grep -E '^(grpcio-tools|setuptools)==' requirements.lock > requirements-build.lock \
+ && grep -E '^setuptools==' requirements.lock > requirements-build.lock \
  && python3 -m venv /opt/build \
  && /opt/build/bin/pip install -r requirements-runtime.lock -r requirements-build.lock
 COPY proto ./proto
 COPY client ./client
 COPY server ./server
-RUN /opt/build/bin/python -m grpc_tools.protoc -Iproto \
-      -I"$(/opt/build/bin/python -c 'import google.rpc.status_pb2 as m, pathlib; print(pathlib.Path(m.__file__).parents[2])')" \
-      --python_out=client --grpc_python_out=client proto/focalloss/v1/focal_loss.proto \
- && touch client/focalloss/__init__.py client/focalloss/v1/__init__.py \
- && /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels ./client ./server
+RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels ./client ./server
 
 # ---------------------------------------------------------------------------------------------------------
 # GPU: the CUDA runtime image (NVRTC, cuBLAS, ...) plus the distribution's python3; CuPy from its wheel.

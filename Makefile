@@ -5,7 +5,6 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PROTO  := proto/focalloss/v1/focal_loss.proto
-STUBS  := client/focalloss/v1/focal_loss_pb2.py
 DEPS   := $(VENV)/.deps-installed
 READY  := $(VENV)/.installed
 PYTEST_ARGS ?=
@@ -18,8 +17,12 @@ export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 export MALLOC_ARENA_MAX ?= 1
 
 BENCH_VENV := .venv-bench
+# The stub generator (grpcio-tools 1.62: gencode every protobuf 4.25..7.x runtime accepts) and the client's
+# oldest dependencies (the minimum-versions test); tests/test_packaging.py builds both through these targets.
+PROTOC_VENV := .venv-protoc
+MIN_VENV    := .venv-minversions
 
-.PHONY: serve test setup stubs clean bench bench-cpu bench-service
+.PHONY: serve test setup stubs clean bench bench-cpu bench-service protoc-venv minversions-venv
 
 serve: setup
 	$(PY) -m focalserve $(ARGS)
@@ -36,21 +39,39 @@ $(DEPS): requirements.lock | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	touch $@
 
-# The two distributions, editable, after the stubs they package exist; this also compiles the server's CPU
-# kernel (server/setup.py, g++), again whenever its source changes.
-$(READY): $(DEPS) $(STUBS) client/pyproject.toml server/pyproject.toml server/setup.py server/focalserve/backends/focal_loss_cpu.cpp
+# The two distributions, editable; this also compiles the server's CPU kernel (server/setup.py, g++), again
+# whenever its source changes.
+$(READY): $(DEPS) client/pyproject.toml server/pyproject.toml server/setup.py server/focalserve/backends/focal_loss_cpu.cpp
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e client -e server
 	touch $@
 
-stubs: $(STUBS)
-
-# Stubs live in client/focalloss/v1 so that `import focalloss.v1.focal_loss_pb2` matches the proto package.
-$(STUBS): $(PROTO) $(DEPS)
-	$(PY) -m grpc_tools.protoc -Iproto \
-	  -I"$$($(PY) -c 'import google.rpc.status_pb2 as m, pathlib; print(pathlib.Path(m.__file__).parents[2])')" \
+# The stubs in client/focalloss/v1 are committed (so that `pip install ./client` works on a fresh clone) and
+# regenerated here after a change to the contract; tests/test_packaging.py fails while they differ from what
+# this writes (`make stubs STUBS_OUT=dir` writes them elsewhere). They live in a top-level package named like
+# the proto package, so that the generated `from focalloss.v1 import ...` works as protoc writes it.
+# google/rpc/status.proto comes from client/node/protos.
+STUBS_OUT ?= client
+stubs: $(PROTOC_VENV)/.installed $(DEPS)
+	$(PROTOC_VENV)/bin/python -m grpc_tools.protoc -Iproto -Iclient/node/protos \
 	  --plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
-	  --python_out=client --grpc_python_out=client --mypy_out=client --mypy_grpc_out=client $(PROTO)
-	touch client/focalloss/__init__.py client/focalloss/v1/__init__.py
+	  --python_out=$(STUBS_OUT) --grpc_python_out=$(STUBS_OUT) --mypy_out=$(STUBS_OUT) --mypy_grpc_out=$(STUBS_OUT) $(PROTO)
+
+protoc-venv: $(PROTOC_VENV)/.installed
+
+$(PROTOC_VENV)/.installed: requirements-protoc.lock
+	rm -rf $(PROTOC_VENV)
+	$(PYTHON) -m venv $(PROTOC_VENV)
+	$(PROTOC_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-protoc.lock
+	touch $@
+
+minversions-venv: $(MIN_VENV)/.installed
+
+# The client itself is installed into it by the test, from the working tree, each run.
+$(MIN_VENV)/.installed: requirements-minversions.lock
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-minversions.lock
+	touch $@
 
 # Benchmarks (BENCHMARKS.md): the CPU kernel against PyTorch and PaddlePaddle needs both, in a venv of their own.
 bench: bench-cpu bench-service
@@ -61,7 +82,7 @@ bench-cpu: $(BENCH_VENV)/.installed
 bench-service: setup
 	$(PY) benchmarks/service.py $(BENCH_ARGS)
 
-$(BENCH_VENV)/.installed: requirements.lock requirements-bench.txt $(STUBS)
+$(BENCH_VENV)/.installed: requirements.lock requirements-bench.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.lock -r requirements-bench.txt
 	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e client -e server
@@ -73,4 +94,4 @@ alerts: $(DEPS)
 	$(PY) deploy/prometheus/render_alerts.py
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) client/focalloss build server/build *.egg-info client/*.egg-info server/*.egg-info server/focalserve/backends/*.so
+	rm -rf $(VENV) $(BENCH_VENV) $(PROTOC_VENV) $(MIN_VENV) build server/build *.egg-info client/*.egg-info server/*.egg-info server/focalserve/backends/*.so

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import GOLDEN_DIR, REPO, golden_cases, load_golden
+from conftest import GOLDEN_DIR, REPO, golden_cases, load_golden, start_server
 
 NODE_DIR = REPO / "client" / "node"
 NODE = shutil.which("node")
@@ -82,18 +82,32 @@ def node_cases(tmp_path_factory) -> Path:
     return path
 
 
-def test_node_client_suite(server, node_modules, node_cases):
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    """A server that wants a bearer token (the Node client's token option)."""
+    token = "node-" + os.urandom(8).hex()
+    srv = start_server(tmp_path_factory.mktemp("auth"), env={"FOCALSERVE_AUTH_TOKEN": token})
+    yield srv, token
+    assert srv.stop() == 0, srv.log()
+
+
+def test_node_client_suite(server, auth_server, node_modules, node_cases):
     tests = sorted(str(p.relative_to(NODE_DIR)) for p in (NODE_DIR / "test").glob("*.test.js"))
     assert tests, f"no *.test.js in {NODE_DIR / 'test'}"
+    auth, token = auth_server
     result = _run([NODE, "--test", "--test-reporter=tap", *tests], 240,
                   env={"FOCALSERVE_TARGET": server.target, "FOCALSERVE_NODE_CASES": str(node_cases),
-                       "FOCALSERVE_GOLDEN_DIR": str(GOLDEN_DIR)})
+                       "FOCALSERVE_GOLDEN_DIR": str(GOLDEN_DIR), "FOCALSERVE_AUTH_TARGET": auth.target,
+                       "FOCALSERVE_AUTH_TOKEN": token})
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"node --test failed ({result.returncode}):\n{output}"
     counts = {k: int(v) for k, v in re.findall(r"^# (pass|fail|skipped|cancelled) (\d+)$", output, re.M)}
     assert counts.get("fail") == 0 and counts.get("cancelled") == 0, output
     # everything ran: the server and the golden cases were given, so no test may skip
     assert counts.get("pass", 0) >= 4 and counts.get("skipped") == 0, output
+    for name in ("CANCELLED by the server is retried", "token: a server that wants one",
+                 "the refusal cause: google.rpc.ErrorInfo", "encodeRequest writes what protobufjs reads"):
+        assert re.search(rf"^ok \d+ - {re.escape(name)}", output, re.M), f"{name!r} did not pass:\n{output}"
     for name in NODE_CASES[1:]:
         assert re.search(rf"^\s*ok \d+ - {name}$", output, re.M), f"golden case {name} did not pass:\n{output}"
 
@@ -103,3 +117,18 @@ def test_node_example(server, node_modules):
     assert result.returncode == 0, f"node example.js failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     assert "loss 0.65782464" in result.stdout, result.stdout
     assert re.search(r"^grad \[\[-0\.0069988\d*, ", result.stdout, re.M), result.stdout
+
+
+def test_node_benchmark_script(server, node_modules):
+    """benchmarks/node_client.js (read by benchmarks/client.py): one JSON line with its three keys, at a small size."""
+    script = str(REPO / "benchmarks" / "node_client.js")
+    for extra in ([], ["--no-grad"]):
+        result = _run([NODE, script, "--target", server.target, "--elements", "4096", "--repeat", "3", *extra], 120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        lines = result.stdout.strip().splitlines()
+        assert len(lines) == 1, result.stdout
+        figures = json.loads(lines[0])
+        assert set(figures) == {"elements_per_s", "elements", "repeat"}, figures
+        assert figures["elements"] == 4096 and figures["repeat"] == 3 and figures["elements_per_s"] > 0, figures
+    bad = _run([NODE, script, "--target", server.target, "--elements", "0", "--repeat", "3"], 60)
+    assert bad.returncode == 2 and "--elements must be a positive integer" in bad.stderr, bad.stderr

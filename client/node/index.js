@@ -10,7 +10,13 @@
 //
 // The contract is ../../proto/focalloss/v1/focal_loss.proto, loaded at run time; the google/rpc/status.proto it
 // imports ships in ./protos (google/protobuf/any.proto comes with proto-loader).
+//
+// Requests are written by hand (encodeRequest): the small header fields, then the arrays' bytes copied once
+// into the message, sent with an identity serializer. protobufjs would build the same bytes through a message
+// object and its writer; this skips both. Responses are decoded by protobufjs, whose `bytes` fields are views
+// of the received buffer; a tensor is then viewed in place where its offset is aligned, copied where not.
 
+const fs = require('fs');
 const os = require('os');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
@@ -47,6 +53,8 @@ const DENSE_LABEL_DTYPES = new Map([
   [Float32Array, 'DTYPE_FLOAT32'], [Float64Array, 'DTYPE_FLOAT64'], [Uint8Array, 'DTYPE_UINT8']]);
 const CLASS_INDEX_LABEL_DTYPES = new Map([[Int32Array, 'DTYPE_INT32'], [BigInt64Array, 'DTYPE_INT64']]);
 
+const COMPUTE_PATH = `/${SERVICE}/Compute`;
+
 const LABEL_FORMATS = { dense: 'LABEL_FORMAT_DENSE', class_index: 'LABEL_FORMAT_CLASS_INDEX',
   'class-index': 'LABEL_FORMAT_CLASS_INDEX', classindex: 'LABEL_FORMAT_CLASS_INDEX' };
 const REDUCTIONS = { none: 'REDUCTION_NONE', mean: 'REDUCTION_MEAN', sum: 'REDUCTION_SUM' };
@@ -61,28 +69,47 @@ function contract() {
   const definition = protoLoader.loadSync(PROTO_FILE, LOADER_OPTIONS);
   const loaded = grpc.loadPackageDefinition(definition);
   const root = new protobuf.Root();
-  root.resolvePath = (origin, target) =>
-    (path.isAbsolute(target) ? target : path.join(VENDORED_PROTO_DIR, target));
-  root.loadSync('google/rpc/status.proto', { keepCase: false });
-  // google.rpc.BadRequest as google/rpc/error_details.proto defines it (field names and numbers).
+  root.resolvePath = (origin, target) => {
+    if (path.isAbsolute(target)) return target;
+    const own = path.join(PROTO_DIR, target);
+    return fs.existsSync(own) ? own : path.join(VENDORED_PROTO_DIR, target);
+  };
+  root.loadSync(PROTO_FILE, { keepCase: false });
+  // google.rpc.BadRequest and ErrorInfo as google/rpc/error_details.proto defines them (names and numbers).
   protobuf.parse(`syntax = "proto3"; package google.rpc;
+    message ErrorInfo { string reason = 1; string domain = 2; map<string, string> metadata = 3; }
     message BadRequest {
       message FieldViolation { string field = 1; string description = 2; string reason = 3;
                                LocalizedMessage localized_message = 4; }
       repeated FieldViolation field_violations = 1; }
     message LocalizedMessage { string locale = 1; string message = 2; }`, root, { keepCase: false });
   root.resolveAll();
+  const enumValues = (name) => root.lookupEnum(`focalloss.v1.${name}`).values;
   cached = {
     Service: loaded.focalloss.v1.FocalLossService,
     Status: root.lookupType('google.rpc.Status'),
     BadRequest: root.lookupType('google.rpc.BadRequest'),
+    ErrorInfo: root.lookupType('google.rpc.ErrorInfo'),
+    ComputeRequest: root.lookupType('focalloss.v1.ComputeRequest'),
+    ComputeResponse: root.lookupType('focalloss.v1.ComputeResponse'),
+    enums: {
+      DType: enumValues('DType'), LabelFormat: enumValues('LabelFormat'), Reduction: enumValues('Reduction'),
+      Backend: enumValues('Backend'),
+    },
+    dtypeNames: root.lookupEnum('focalloss.v1.DType').valuesById,
   };
   return cached;
 }
 
-/** A refused or failed call: `code` (grpc status number), `codeName`, `details`, `violations` [{field, description}]. */
+/**
+ * A refused or failed call: `code` (grpc status number), `codeName`, `details` (the status message),
+ * `violations` [{field, description, reason}] (google.rpc.BadRequest), and the machine-readable cause where the
+ * server gave one (google.rpc.ErrorInfo): `reason` (e.g. 'OVERLOADED', 'TOKEN_MISSING'), `domain`,
+ * `errorMetadata` ({key: value}); `errorInfo` is all three, or null. Branch on `code` and `reason`, never on
+ * the text of `details`.
+ */
 class FocalLossError extends Error {
-  constructor(code, details, { violations = [], metadata = null, requestId = '' } = {}) {
+  constructor(code, details, { violations = [], errorInfo = null, metadata = null, requestId = '' } = {}) {
     const codeName = STATUS_NAMES[code] || String(code);
     super(`${codeName}: ${details}`);
     this.name = 'FocalLossError';
@@ -90,38 +117,57 @@ class FocalLossError extends Error {
     this.codeName = codeName;
     this.details = details;
     this.violations = violations;
+    this.errorInfo = errorInfo;
+    this.reason = errorInfo ? errorInfo.reason : '';
+    this.domain = errorInfo ? errorInfo.domain : '';
+    this.errorMetadata = errorInfo ? errorInfo.metadata : {};
     this.metadata = metadata;
     this.requestId = requestId;
   }
 }
 
-/** The google.rpc.BadRequest field violations in a `grpc-status-details-bin` trailer ([] when none). */
-function decodeViolations(metadata) {
+/**
+ * The google.rpc.Status details of a `grpc-status-details-bin` trailer: {violations, errorInfo}, where
+ * violations are the google.rpc.BadRequest field violations ([] when none) and errorInfo the first
+ * google.rpc.ErrorInfo as {reason, domain, metadata} (null when none). A malformed trailer gives neither: the
+ * status code and message remain, and they are what matter.
+ */
+function decodeStatusDetails(metadata) {
   const values = metadata && typeof metadata.get === 'function' ? metadata.get('grpc-status-details-bin') : [];
-  const violations = [];
-  if (!values || values.length === 0) return violations;
-  const { Status, BadRequest } = contract();
+  const result = { violations: [], errorInfo: null };
+  if (!values || values.length === 0) return result;
+  const { Status, BadRequest, ErrorInfo } = contract();
   try {
     const status = Status.decode(Buffer.isBuffer(values[0]) ? values[0] : Buffer.from(values[0], 'base64'));
     for (const any of status.details || []) {
       // protobufjs's bundled google/protobuf/any.proto keeps the proto field name type_url
       const typeUrl = String(any.typeUrl || any.type_url || '');
-      if (!typeUrl.endsWith('/google.rpc.BadRequest')) continue;
-      for (const v of BadRequest.decode(any.value).fieldViolations) {
-        violations.push({ field: v.field, description: v.description });
+      if (typeUrl.endsWith('/google.rpc.BadRequest')) {
+        for (const v of BadRequest.decode(any.value).fieldViolations) {
+          result.violations.push({ field: v.field, description: v.description, reason: v.reason });
+        }
+      } else if (typeUrl.endsWith('/google.rpc.ErrorInfo') && !result.errorInfo) {
+        const info = ErrorInfo.decode(any.value);
+        result.errorInfo = { reason: info.reason, domain: info.domain, metadata: { ...info.metadata } };
       }
     }
   } catch (_) {
-    // a malformed trailer leaves the status code and details, which are what matter
+    return { violations: [], errorInfo: null };
   }
-  return violations;
+  return result;
+}
+
+/** The google.rpc.BadRequest field violations in a `grpc-status-details-bin` trailer ([] when none). */
+function decodeViolations(metadata) {
+  return decodeStatusDetails(metadata).violations;
 }
 
 function toFocalLossError(err, requestId) {
   if (err instanceof FocalLossError) return err;
   if (err && typeof err.code === 'number') {
+    const { violations, errorInfo } = decodeStatusDetails(err.metadata);
     return new FocalLossError(err.code, err.details !== undefined ? err.details : err.message, {
-      violations: decodeViolations(err.metadata), metadata: err.metadata || null, requestId });
+      violations, errorInfo, metadata: err.metadata || null, requestId });
   }
   return err;
 }
@@ -173,14 +219,15 @@ function encodeTensor(array, dtype, shape, field) {
  * dtype. The bytes are copied, so a Buffer at any byteOffset (not a multiple of 4 or 8) decodes correctly.
  */
 function decodeTensor(tensor, field = 'tensor') {
-  const info = DTYPES[tensor.dtype];
+  const dtype = typeof tensor.dtype === 'number' ? contract().dtypeNames[tensor.dtype] : tensor.dtype;
+  const info = DTYPES[dtype];
   if (!info) throw new FocalLossError(grpc.status.INTERNAL, `${field}: unsupported dtype ${tensor.dtype}`);
-  const shape = (tensor.shape || []).map(Number);
+  const shape = (tensor.shape || []).map(toNumber);
   const n = numel(shape);
   const data = tensor.data || Buffer.alloc(0);
   if (data.length !== n * info.size) {
     throw new FocalLossError(grpc.status.INTERNAL,
-      `${field}: ${data.length} bytes for shape ${JSON.stringify(shape)} of ${tensor.dtype}`);
+      `${field}: ${data.length} bytes for shape ${JSON.stringify(shape)} of ${dtype}`);
   }
   const array = new info.ctor(n);
   const out = new Uint8Array(array.buffer);
@@ -196,7 +243,56 @@ function floatTypeFor(dtype) {
   return dtype === 'DTYPE_FLOAT64' ? Float64Array : Float32Array;
 }
 
-/** The ComputeRequest message for compute()'s arguments (throws FocalLossError INVALID_ARGUMENT on misuse). */
+const FLOAT32_ONE_BITS = 0x3f800000;
+const FLOAT64_ONE_HIGH_BITS = 0x3ff00000;
+
+/**
+ * Dense float labels that are all exactly 0 or 1 as a Uint8Array (1 byte a label on the wire instead of 4 or 8),
+ * or null at the first other value (soft labels, -100, -0, NaN). The server reads UINT8 0/1 as the same label
+ * values, so nothing it computes changes. One pass over the labels' bits, stopping early where it can.
+ */
+function hardLabels(label) {
+  const n = label.length;
+  const out = new Uint8Array(n);
+  if (label instanceof Float32Array) {
+    const bits = new Uint32Array(label.buffer, label.byteOffset, n);
+    for (let i = 0; i < n; i++) {
+      const b = bits[i];
+      if (b === FLOAT32_ONE_BITS) out[i] = 1;
+      else if (b !== 0) return null;
+    }
+    return out;
+  }
+  if (label instanceof Float64Array) {
+    const words = new Uint32Array(label.buffer, label.byteOffset, 2 * n);
+    const [lo, hi] = LITTLE_ENDIAN ? [0, 1] : [1, 0];
+    for (let i = 0; i < n; i++) {
+      const high = words[2 * i + hi];
+      if (words[2 * i + lo] !== 0) return null;
+      if (high === FLOAT64_ONE_HIGH_BITS) out[i] = 1;
+      else if (high !== 0) return null;
+    }
+    return out;
+  }
+  return null;
+}
+
+/** Class-index labels of a BigInt64Array as an Int32Array where every one fits (4 bytes a label, not 8), or null. */
+function int32Labels(label) {
+  const out = new Int32Array(label.length);
+  for (let i = 0; i < label.length; i++) {
+    const v = label[i];
+    if (v < -2147483648n || v > 2147483647n) return null;
+    out[i] = Number(v);
+  }
+  return out;
+}
+
+/**
+ * The ComputeRequest message for compute()'s arguments (throws FocalLossError INVALID_ARGUMENT on misuse).
+ * Dense float labels that are all 0 or 1 travel as UINT8, BigInt64Array class-index labels as INT32 where they
+ * fit, unless `narrowLabels: false`.
+ */
 function buildRequest(args) {
   const { logit, label } = args;
   const logitDtype = logit && LOGIT_DTYPES.get(logit.constructor);
@@ -208,10 +304,19 @@ function buildRequest(args) {
     || (CLASS_INDEX_LABEL_DTYPES.has(label.constructor) ? 'LABEL_FORMAT_CLASS_INDEX' : 'LABEL_FORMAT_DENSE');
   const classIndex = labelFormat === 'LABEL_FORMAT_CLASS_INDEX' || labelFormat === 2;
   const labelDtypes = classIndex ? CLASS_INDEX_LABEL_DTYPES : DENSE_LABEL_DTYPES;
-  const labelDtype = labelDtypes.get(label.constructor);
+  let labelDtype = labelDtypes.get(label.constructor);
   if (!labelDtype) {
     throw invalid(classIndex ? 'label: class-index labels must be an Int32Array or a BigInt64Array'
       : 'label: dense labels must be a Float32Array, a Float64Array or a Uint8Array');
+  }
+  let labelArray = label;
+  if (args.narrowLabels !== false && (labelDtype === 'DTYPE_FLOAT32' || labelDtype === 'DTYPE_FLOAT64'
+    || labelDtype === 'DTYPE_INT64')) {
+    const narrow = classIndex ? int32Labels(label) : hardLabels(label);
+    if (narrow) {
+      labelArray = narrow;
+      labelDtype = classIndex ? 'DTYPE_INT32' : 'DTYPE_UINT8';
+    }
   }
   const labelShape = args.labelShape !== undefined ? args.labelShape
     : (classIndex ? [checkShape(shape, 'shape')[0], 1] : shape);
@@ -220,7 +325,7 @@ function buildRequest(args) {
   const request = {
     requestId: args.requestId || '',
     logit: encodeTensor(logit, logitDtype, shape, 'logit'),
-    label: encodeTensor(label, labelDtype, labelShape, 'label'),
+    label: encodeTensor(labelArray, labelDtype, labelShape, 'label'),
     labelFormat,
     reduction,
     computeGrad: Boolean(args.computeGrad),
@@ -249,19 +354,130 @@ function buildRequest(args) {
   return request;
 }
 
+/** An int64 as protobufjs decodes it (a number, or a Long where long.js is installed) as a number. */
+function toNumber(value) {
+  if (typeof value === 'number') return value;
+  if (value && typeof value.toNumber === 'function') return value.toNumber();
+  return Number(value);
+}
+
+// ---- the request, written by hand: field numbers and wire types of focal_loss.proto's ComputeRequest/Tensor ----
+
+const WIRE_VARINT = 0;
+const WIRE_FIXED64 = 1;
+const WIRE_LEN = 2;
+
+function varintSize(value) {
+  let n = 1;
+  while (value >= 128) { value = Math.floor(value / 128); n++; }
+  return n;
+}
+
+function putVarint(buf, pos, value) {
+  while (value >= 128) {
+    buf[pos++] = (value % 128) | 128;
+    value = Math.floor(value / 128);
+  }
+  buf[pos++] = value;
+  return pos;
+}
+
+function enumNumber(value, table, field) {
+  if (typeof value === 'number') return value;
+  const number = table[value];
+  if (number === undefined) throw invalid(`${field}: unknown value ${JSON.stringify(value)}`);
+  return number;
+}
+
+/** A Tensor message's layout: its header's size and the byte view of its data (not copied). */
+function tensorPlan(tensor, field) {
+  const dtype = enumNumber(tensor.dtype, contract().enums.DType, `${field}.dtype`);
+  const shape = tensor.shape.map(toNumber);
+  const data = tensor.data instanceof Uint8Array ? tensor.data
+    : new Uint8Array(tensor.data.buffer, tensor.data.byteOffset, tensor.data.byteLength);
+  let shapeBytes = 0;
+  for (const d of shape) shapeBytes += varintSize(d);
+  let size = 0;
+  if (dtype !== 0) size += 1 + varintSize(dtype);
+  if (shape.length) size += 1 + varintSize(shapeBytes) + shapeBytes;
+  if (data.length) size += 1 + varintSize(data.length) + data.length;
+  return { dtype, shape, shapeBytes, data, size };
+}
+
+function putTensor(buf, pos, fieldNumber, plan) {
+  pos = putVarint(buf, pos, (fieldNumber << 3) | WIRE_LEN);
+  pos = putVarint(buf, pos, plan.size);
+  if (plan.dtype !== 0) {
+    buf[pos++] = (1 << 3) | WIRE_VARINT;
+    pos = putVarint(buf, pos, plan.dtype);
+  }
+  if (plan.shape.length) {
+    buf[pos++] = (2 << 3) | WIRE_LEN; // packed repeated int64
+    pos = putVarint(buf, pos, plan.shapeBytes);
+    for (const d of plan.shape) pos = putVarint(buf, pos, d);
+  }
+  if (plan.data.length) {
+    buf[pos++] = (3 << 3) | WIRE_LEN;
+    pos = putVarint(buf, pos, plan.data.length);
+    buf.set(plan.data, pos); // the one copy of the array
+    pos += plan.data.length;
+  }
+  return pos;
+}
+
+/**
+ * The serialized ComputeRequest of buildRequest()'s object, as protobufjs would write it (fields in number
+ * order, proto3 defaults left out, `optional` doubles written when set): one Buffer, into which each array's
+ * bytes are copied once. Shapes are non-negative (buildRequest checks them), so every varint is unsigned.
+ */
+function encodeRequest(request) {
+  const { enums } = contract();
+  const id = request.requestId ? Buffer.from(request.requestId, 'utf8') : null;
+  const tensors = [[2, request.logit, 'logit'], [3, request.label, 'label'], [10, request.gradOutput, 'gradOutput']]
+    .filter(([, t]) => t).map(([n, t, name]) => [n, tensorPlan(t, name)]);
+  const varints = [
+    [4, enumNumber(request.labelFormat || 0, enums.LabelFormat, 'labelFormat')],
+    [8, enumNumber(request.reduction || 0, enums.Reduction, 'reduction')],
+    [9, request.computeGrad ? 1 : 0],
+    [11, enumNumber(request.backend || 0, enums.Backend, 'backend')],
+  ].filter(([, v]) => v !== 0);
+  const doubles = [[5, request.alpha], [6, request.gamma], [7, request.normalizer]]
+    .filter(([, v]) => v !== undefined && v !== null);
+
+  let size = id ? 1 + varintSize(id.length) + id.length : 0;
+  for (const [, plan] of tensors) size += 1 + varintSize(plan.size) + plan.size;
+  for (const [, v] of varints) size += 1 + varintSize(v);
+  size += 9 * doubles.length;
+
+  const buf = Buffer.allocUnsafe(size);
+  let pos = 0;
+  // every field in number order: 1 request_id, 2 logit, 3 label, 4, 5-7 doubles, 8, 9, 10 grad_output, 11
+  const fields = [];
+  if (id) fields.push([1, () => { buf[pos++] = (1 << 3) | WIRE_LEN; pos = putVarint(buf, pos, id.length);
+    id.copy(buf, pos); pos += id.length; }]);
+  for (const [n, plan] of tensors) fields.push([n, () => { pos = putTensor(buf, pos, n, plan); }]);
+  for (const [n, v] of varints) fields.push([n, () => { buf[pos++] = (n << 3) | WIRE_VARINT; pos = putVarint(buf, pos, v); }]);
+  for (const [n, v] of doubles) fields.push([n, () => { buf[pos++] = (n << 3) | WIRE_FIXED64; buf.writeDoubleLE(v, pos);
+    pos += 8; }]);
+  fields.sort((a, b) => a[0] - b[0]);
+  for (const [, write] of fields) write();
+  if (pos !== size) throw new Error(`encodeRequest: wrote ${pos} of ${size} bytes`);
+  return buf;
+}
+
 function decodeResponse(response) {
   const loss = response.loss ? decodeTensor(response.loss, 'loss') : { array: null, shape: null };
   const grad = response.grad ? decodeTensor(response.grad, 'grad') : { array: null, shape: null };
   const s = response.stats || {};
   return {
-    requestId: response.requestId,
+    requestId: response.requestId || '',
     loss: loss.array,
     lossShape: loss.shape,
     grad: grad.array,
     gradShape: grad.shape,
     backend: response.backend,
     stats: {
-      elements: Number(s.elements || 0),
+      elements: toNumber(s.elements || 0),
       positives: s.positives || 0,
       lossSum: s.lossSum || 0,
       computeSeconds: s.computeSeconds || 0,
@@ -273,36 +489,75 @@ function serviceConfig(maxAttempts) {
   return JSON.stringify({ methodConfig: [{
     name: [{ service: SERVICE }],
     retryPolicy: { maxAttempts, initialBackoff: '0.1s', maxBackoff: '2s', backoffMultiplier: 2,
-      retryableStatusCodes: ['UNAVAILABLE'] },
+      // CANCELLED too, as the Python client: a server shutting down cancels calls it received but had not
+      // started (grpc/grpc#41785). Every call is a pure function, so a retry is always safe; gRPC never retries
+      // once response headers came, nor a call this client cancelled.
+      retryableStatusCodes: ['UNAVAILABLE', 'CANCELLED'] },
   }] });
+}
+
+function bearer(token) {
+  if (token === undefined || token === null || token === '') return null;
+  if (typeof token !== 'string' || /[\r\n]/.test(token)) throw invalid('token: must be a string on one line');
+  return `Bearer ${token}`;
 }
 
 /**
  * A client of one focalserve target ("host:port").
  * options: timeoutMs (deadline of every call, default 60000), maxMessageBytes (default 256 MiB, the server's
- * default), maxAttempts (UNAVAILABLE is retried with exponential backoff, default 5), credentials (default
- * insecure), channelOptions (extra grpc-js channel options).
+ * default), maxAttempts (UNAVAILABLE and CANCELLED by the server are retried with exponential backoff,
+ * default 5), token (sent as `authorization: Bearer <token>` with every call), credentials (default insecure;
+ * grpc.credentials.createSsl(...) for TLS), retryBufferBytes (what all calls in flight may hold for retries
+ * together, default 4 × maxMessageBytes), channelOptions (extra grpc-js channel options).
+ *
+ * gRPC keeps each request until its call commits so that it can resend it; a request that does not fit the
+ * per-call or the channel-wide retry buffer is sent once, without retries. The buffers hold the requests
+ * themselves (no copies), so their sizes are limits, not allocations: per call the message limit, so that
+ * every request this client can send is retried; channel-wide room for four of the largest at once.
  */
 function createClient(target, options = {}) {
   const timeoutMs = options.timeoutMs !== undefined ? options.timeoutMs : DEFAULT_TIMEOUT_MS;
   const maxMessageBytes = options.maxMessageBytes || DEFAULT_MAX_MESSAGE_BYTES;
-  const { Service } = contract();
+  const retryBufferBytes = options.retryBufferBytes || 4 * maxMessageBytes;
+  const authorization = bearer(options.token);
+  const { Service, ComputeResponse } = contract();
   const stub = new Service(target, options.credentials || grpc.credentials.createInsecure(), {
     'grpc.max_send_message_length': maxMessageBytes,
     'grpc.max_receive_message_length': maxMessageBytes,
     'grpc.service_config': serviceConfig(options.maxAttempts || 5),
     'grpc.per_rpc_retry_buffer_size': maxMessageBytes,
+    'grpc.retry_buffer_size': Math.max(retryBufferBytes, maxMessageBytes),
     ...(options.channelOptions || {}),
   });
 
-  function unary(method, request, callTimeoutMs) {
+  function callOptionsFor(callTimeoutMs) {
     const ms = callTimeoutMs !== undefined ? callTimeoutMs : timeoutMs;
-    const callOptions = ms ? { deadline: new Date(Date.now() + ms) } : {};
+    return ms ? { deadline: new Date(Date.now() + ms) } : {};
+  }
+
+  function metadata() {
+    const m = new grpc.Metadata();
+    if (authorization) m.set('authorization', authorization);
+    return m;
+  }
+
+  function unary(method, request, callTimeoutMs) {
     return new Promise((resolve, reject) => {
-      stub[method](request, callOptions, (err, response) => {
+      stub[method](request, metadata(), callOptionsFor(callTimeoutMs), (err, response) => {
         if (err) reject(toFocalLossError(err, request.requestId || ''));
         else resolve(response);
       });
+    });
+  }
+
+  /** Compute with the request already serialized: identity serializer, protobufjs decoding the reply. */
+  function computeBytes(bytes, requestId, callTimeoutMs) {
+    return new Promise((resolve, reject) => {
+      stub.makeUnaryRequest(COMPUTE_PATH, (b) => b, (b) => ComputeResponse.decode(b), bytes, metadata(),
+        callOptionsFor(callTimeoutMs), (err, response) => {
+          if (err) reject(toFocalLossError(err, requestId));
+          else resolve(response);
+        });
     });
   }
 
@@ -313,7 +568,7 @@ function createClient(target, options = {}) {
      */
     async compute(args, { timeoutMs: callTimeoutMs } = {}) {
       const request = buildRequest(args || {});
-      return decodeResponse(await unary('Compute', request, callTimeoutMs));
+      return decodeResponse(await computeBytes(encodeRequest(request), request.requestId, callTimeoutMs));
     },
     /** GetServerInfo: {version, backends, defaultBackend, devices, logitDtypes, maxMessageBytes, maxElements}. */
     serverInfo({ timeoutMs: callTimeoutMs } = {}) {
@@ -322,9 +577,11 @@ function createClient(target, options = {}) {
     close() {
       stub.close();
     },
-    /** The underlying grpc-js stub, for ComputeStream and anything else this module does not wrap. */
+    /** The underlying grpc-js stub, for ComputeStream and anything else this module does not wrap (pass
+     * `metadata` with the token where the server wants one). */
     stub,
   };
 }
 
-module.exports = { createClient, FocalLossError, decodeTensor, encodeTensor, buildRequest, decodeViolations };
+module.exports = { createClient, contract, FocalLossError, decodeTensor, encodeTensor, buildRequest, encodeRequest,
+  decodeStatusDetails, decodeViolations, serviceConfig };

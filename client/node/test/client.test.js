@@ -1,14 +1,16 @@
 'use strict';
 // The Node.js client against a running focalserve.
 //   FOCALSERVE_TARGET=host:port  the server (tests that need it skip without it)
+//   FOCALSERVE_AUTH_TARGET=host:port, FOCALSERVE_AUTH_TOKEN=token   a server that wants that bearer token
+//                                (the token tests skip without them)
 //   FOCALSERVE_NODE_CASES=file   golden cases as JSON, written by tests/test_node_client.py from the .npz files of
 //                                FOCALSERVE_GOLDEN_DIR (the golden tests skip without it)
-// Run: npm test   (node --test test/client.test.js; Node 21+ takes no bare directory after --test)
+// Run: npm test   (node --test test/client.test.js test/transport.test.js; Node 21+ takes no bare directory after --test)
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('fs');
 
-const { createClient, decodeTensor, FocalLossError } = require('..');
+const { createClient, buildRequest, decodeTensor, FocalLossError } = require('..');
 const { formatG } = require('../example');
 
 const TARGET = process.env.FOCALSERVE_TARGET;
@@ -145,4 +147,60 @@ test('serverInfo', async (t) => {
   assert.ok(info.backends.includes('numpy'));
   assert.ok(info.logitDtypes.includes('DTYPE_FLOAT32'));
   assert.equal(typeof info.maxMessageBytes, 'number');
+});
+
+test('token: a server that wants one refuses a call without it or with another, and answers with it', async (t) => {
+  const target = process.env.FOCALSERVE_AUTH_TARGET;
+  const token = process.env.FOCALSERVE_AUTH_TOKEN;
+  if (!target || !token) return t.skip('FOCALSERVE_AUTH_TARGET / FOCALSERVE_AUTH_TOKEN not set');
+  for (const given of [undefined, `${token}x`]) {
+    const refused = createClient(target, { timeoutMs: 30000, token: given });
+    try {
+      await assert.rejects(refused.compute(EXAMPLE), (err) => {
+        assert.ok(err instanceof FocalLossError);
+        assert.equal(err.codeName, 'UNAUTHENTICATED');
+        return true;
+      });
+    } finally {
+      refused.close();
+    }
+  }
+  const client = createClient(target, { timeoutMs: 30000, token });
+  try {
+    const r = await client.compute(EXAMPLE);
+    assert.equal(formatG(r.loss[0]), '0.65782464');
+    assert.ok((await client.serverInfo()).backends.length > 0);
+  } finally {
+    client.close();
+  }
+});
+
+test('0/1 float labels travel as UINT8, int64 class indices as INT32: the server computes the same bits', async (t) => {
+  if (!TARGET) return t.skip('FOCALSERVE_TARGET not set');
+  const n = 5000;
+  for (const [Float, Label] of [[Float32Array, Float32Array], [Float64Array, Float64Array], [Float32Array, Float64Array]]) {
+    const logit = Float.from({ length: n }, (_, i) => 20 * Math.sin(i * 0.37));
+    const label = Label.from({ length: n }, (_, i) => (i % 7 === 0 || i % 11 === 0 ? 1 : 0));
+    assert.equal(buildRequest({ logit, label }).label.dtype, 'DTYPE_UINT8');
+    assert.equal(buildRequest({ logit, label, narrowLabels: false }).label.dtype,
+      Label === Float32Array ? 'DTYPE_FLOAT32' : 'DTYPE_FLOAT64');
+    for (const reduction of ['none', 'sum']) {
+      const args = { logit, label, reduction, computeGrad: true, gamma: 1.5, alpha: 0.3 };
+      const narrow = await getClient().compute(args);
+      const wide = await getClient().compute({ ...args, narrowLabels: false });
+      const bits = (a) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+      assert.ok(bits(narrow.loss).equals(bits(wide.loss)), `${Float.name}/${Label.name} ${reduction}: loss differs`);
+      assert.ok(bits(narrow.grad).equals(bits(wide.grad)), `${Float.name}/${Label.name} ${reduction}: grad differs`);
+      assert.equal(narrow.stats.positives, wide.stats.positives);
+    }
+  }
+  // class-index labels held as BigInt64Array travel as INT32
+  const logit = Float64Array.from({ length: 300 }, (_, i) => 9 * Math.cos(i));
+  const label = BigInt64Array.from({ length: 100 }, (_, i) => BigInt((i % 5) - 1));
+  const args = { logit, label, shape: [100, 3], reduction: 'none', computeGrad: true };
+  assert.equal(buildRequest(args).label.dtype, 'DTYPE_INT32');
+  const narrow = await getClient().compute(args);
+  const wide = await getClient().compute({ ...args, narrowLabels: false });
+  assert.deepEqual(Buffer.from(narrow.loss.buffer), Buffer.from(wide.loss.buffer));
+  assert.deepEqual(Buffer.from(narrow.grad.buffer), Buffer.from(wide.grad.buffer));
 });
