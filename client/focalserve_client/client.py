@@ -61,16 +61,16 @@ def service_config(max_attempts: int = 5) -> str:
     thousands of training workers do not multiply the load on a struggling service by max_attempts. Each
     failure costs a token, each success gives back 0.1; retries stop while fewer than half of the 10 are left.
     """
+    method = {"name": [{"service": SERVICE}]}
+    if max_attempts > 1:  # gRPC refuses a retryPolicy of fewer than 2 attempts (the channel would not start)
+        method["retryPolicy"] = {
+            "maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
+            # CANCELLED too: a server shutting down cancels calls it received but had not started
+            # (grpc/grpc#41785). Every call here is a pure function, so a retry is always safe;
+            # gRPC never retries once response headers came, nor a cancellation by this client.
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]}
     return json.dumps({"healthCheckConfig": {"serviceName": SERVICE},
-                       "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1}, "methodConfig": [{
-        "name": [{"service": SERVICE}],
-        "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "2s",
-                        "backoffMultiplier": 2,
-                        # CANCELLED too: a server shutting down cancels calls it received but had not started
-                        # (grpc/grpc#41785). Every call here is a pure function, so a retry is always safe;
-                        # gRPC never retries once response headers came, nor a cancellation by this client.
-                        "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]},
-    }]})
+                       "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1}, "methodConfig": [method]})
 
 
 class FocalLossError(Exception):

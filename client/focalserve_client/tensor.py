@@ -134,13 +134,13 @@ _INT32 = np.iinfo(np.int32)
 def narrow_dense_label(array: np.ndarray) -> tuple[int, np.ndarray] | None:
     """(DTYPE_UINT8, 0/1 bytes) for a float array whose every value is exactly +0.0 or 1.0 (bit for bit:
     -0.0 and soft labels keep their dtype), else None. One pass over the labels, in cache-sized chunks."""
-    if array.dtype.kind != "f" or array.dtype.itemsize not in _UNSIGNED or array.dtype.byteorder == ">":
+    if array.dtype.kind != "f" or array.dtype.itemsize not in _UNSIGNED:
         return None
     if not array.flags.c_contiguous:
         return None
     unsigned = _UNSIGNED[array.dtype.itemsize]
     bits = array.reshape(-1).view(unsigned)
-    one = np.array(1, array.dtype).view(unsigned)[()]
+    one = np.array(1, array.dtype).view(unsigned)[()]  # in the array's byte order, as `bits` are
     out = np.empty(bits.size, np.uint8)
     is_one = np.empty(min(bits.size, _NARROW_CHUNK), np.bool_)
     is_zero = np.empty_like(is_one)
