@@ -19,7 +19,7 @@ export MALLOC_ARENA_MAX ?= 1
 
 BENCH_VENV := .venv-bench
 
-.PHONY: serve test setup stubs clean bench bench-cpu bench-service
+.PHONY: serve test setup stubs clean bench bench-cpu bench-service bench-client
 
 serve: setup
 	$(PY) -m focalserve $(ARGS)
@@ -60,6 +60,11 @@ bench-cpu: $(BENCH_VENV)/.installed
 
 bench-service: setup
 	$(PY) benchmarks/service.py $(BENCH_ARGS)
+
+# The public Python client API (and the Node.js client, where benchmarks/node_client.js exists) against the
+# transport floor; BENCH_ARGS="--rounds N --split-bytes 256M" for a shorter run.
+bench-client: setup
+	$(PY) benchmarks/client.py $(BENCH_ARGS)
 
 $(BENCH_VENV)/.installed: requirements.lock requirements-bench.txt $(STUBS)
 	$(PYTHON) -m venv $(BENCH_VENV)
