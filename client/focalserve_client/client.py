@@ -242,16 +242,32 @@ class _Request:
         self.normalizer = _optional_float(normalizer)
         self.compute_grad = bool(compute_grad)
         self.class_index = self.label_format == pb.LABEL_FORMAT_CLASS_INDEX
-        label = np.asarray(label)
-        narrowed = narrow_class_label(label) if self.class_index else narrow_dense_label(label)
-        self.label = narrowed or wire_array(label)
+        # the caller's labels as they would travel un-narrowed (no copy when already wire-ready); the whole
+        # batch is narrowed only when it travels as one request, a split one chunk by chunk (`encode`), so a
+        # split batch never holds a narrowed copy of all its labels
+        self.label_raw = wire_array(label)
+        self._label: tuple[int, np.ndarray] | None = None
         self.logit_wire = wire_array(self.logit)
         self.grad_output = None if grad_output is None else wire_array(grad_output)
 
-    def request_bytes(self) -> int:
-        """The larger of the request's and the response's size, with room for the fields around the tensors."""
+    @property
+    def label(self) -> tuple[int, np.ndarray]:
+        """(wire dtype, labels) of the whole batch, narrowed where lossless (README "Wire dtypes")."""
+        if self._label is None:
+            self._label = self._narrow(self.label_raw)
+        return self._label
+
+    def _narrow(self, label: tuple[int, np.ndarray]) -> tuple[int, np.ndarray]:
+        array = label[1]
+        narrowed = narrow_class_label(array) if self.class_index else narrow_dense_label(array)
+        return narrowed or label
+
+    def request_bytes(self, label_bytes: int | None = None) -> int:
+        """The larger of the request's and the response's size, with room for the fields around the tensors
+        (`label_bytes`: the labels' size on the wire, by default after narrowing)."""
         out_item = 8 if self.logit.dtype == np.float64 else 4
-        request = self.logit_wire[1].nbytes + self.label[1].nbytes + (
+        label_bytes = self.label[1].nbytes if label_bytes is None else label_bytes
+        request = self.logit_wire[1].nbytes + label_bytes + (
             self.grad_output[1].nbytes if self.grad_output is not None else 0)
         response = out_item * self.logit.size * ((self.reduction == pb.REDUCTION_NONE) + self.compute_grad)
         return max(request, response) + MESSAGE_OVERHEAD
@@ -259,10 +275,15 @@ class _Request:
     def encode(self, request_id: str | None = None, rows: slice | None = None, *, width: int = 1,
                normalizer: float | None = None, reduction: int | None = None, grad_output=None) -> bytes:
         """The request's wire bytes; `rows` of the row view (width elements a row) for a chunk."""
-        logit, label, grad_output = self.logit_wire, self.label, self.grad_output if grad_output is None else grad_output
-        if rows is not None:
+        logit, grad_output = self.logit_wire, self.grad_output if grad_output is None else grad_output
+        if rows is None:
+            label = self.label
+        else:
             logit = (logit[0], logit[1].reshape(-1, width)[rows])
+            label = self._label or self.label_raw
             label = (label[0], label[1].reshape(-1, 1 if self.class_index else width)[rows])
+            if self._label is None:
+                label = self._narrow(label)
         return wire.encode_request(
             logit=logit, label=label, request_id=self.request_id if request_id is None else request_id,
             label_format=self.label_format, alpha=self.alpha, gamma=self.gamma,
@@ -293,21 +314,24 @@ class _Plan:
         self.parts: list[ComputeResult] = []
         logit = request.logit
         self.size = logit.size
-        if request.request_bytes() <= limit_bytes and not (max_elements and logit.size > max_elements):
+        if not (max_elements and logit.size > max_elements) and (
+                request.request_bytes(request.label_raw[1].size) <= limit_bytes  # could fit, narrowed
+                and request.request_bytes() <= limit_bytes):
             self.chunks = 1
             return
+        label = request.label_raw[1]
         if request.class_index:
-            if logit.ndim != 2 or request.label[1].shape != (logit.shape[0], 1):
+            if logit.ndim != 2 or label.shape != (logit.shape[0], 1):
                 raise _refusal(grpc.StatusCode.INVALID_ARGUMENT, "label",
                                "class-index form needs logit [N, C] and label [N, 1]", request.request_id)
-            norm = (float(np.count_nonzero(request.label[1] >= 1)) if request.normalizer is None
+            norm = (float(np.count_nonzero(label >= 1)) if request.normalizer is None
                     else request.normalizer)
             norm = max(norm, 1.0) if math.isfinite(norm) else norm
             self.rows, self.width = logit.shape
         else:
-            if request.label[1].shape != logit.shape:
+            if label.shape != logit.shape:
                 raise _refusal(grpc.StatusCode.INVALID_ARGUMENT, "label",
-                               f"shape {list(request.label[1].shape)} does not match logit {list(logit.shape)}",
+                               f"shape {list(label.shape)} does not match logit {list(logit.shape)}",
                                request.request_id)
             # dense is element-wise: any flat split of the elements is a valid one
             norm = 1.0 if request.normalizer is None else request.normalizer
@@ -325,7 +349,8 @@ class _Plan:
         self.out_dtype = np.float64 if logit.dtype == np.float64 else np.float32
         width = self.width
         row_bytes = max(
-            request.logit_wire[1].itemsize * width + request.label[1].itemsize * (1 if request.class_index else width)
+            # the labels un-narrowed: a chunk that is not all 0/1 must fit too
+            request.logit_wire[1].itemsize * width + label.itemsize * (1 if request.class_index else width)
             + (self.grad_rows[1].itemsize * width if self.grad_rows is not None else 0),
             np.dtype(self.out_dtype).itemsize * width * (none + request.compute_grad))
         budget = min(limit_bytes, SPLIT_CHUNK_BYTES) - MESSAGE_OVERHEAD
@@ -488,7 +513,12 @@ class FocalLossClient:
     def _limits(self) -> tuple[int, int]:
         """(the largest message both sides accept, the server's max elements per request or 0)."""
         if self._server_limits is None:
-            info = self.server_info()
+            try:
+                info = self.server_info()
+            except FocalLossError as e:
+                if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                info = pb.GetServerInfoResponse()  # a server without it (a proxy, a test double): our own limit
             self._server_limits = (info.max_message_bytes or self.max_message_bytes, info.max_elements)
         server_bytes, max_elements = self._server_limits
         return min(self.max_message_bytes, server_bytes), max_elements
