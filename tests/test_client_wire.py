@@ -224,7 +224,7 @@ def test_a_real_servers_bad_request_has_violations_and_no_reason(server):
 
 def test_service_config_throttles_retries():
     config = json.loads(service_config())
-    assert config["retryThrottling"] == {"maxTokens": 10, "tokenRatio": 0.1}
+    assert config["retryThrottling"] == {"maxTokens": 100, "tokenRatio": 0.1}
     assert config["methodConfig"][0]["retryPolicy"]["maxAttempts"] == 5
     # one attempt: no retryPolicy at all (gRPC refuses maxAttempts < 2 and the channel would not start)
     assert "retryPolicy" not in json.loads(service_config(1))["methodConfig"][0]
