@@ -276,3 +276,25 @@ def test_cli_prints_each_field_violation_once(server, tmp_path):
                 "--gamma", "-1")
     assert proc.returncode == 1
     assert proc.stderr.count("must be finite and >= 0") == 1, proc.stderr
+
+
+def test_cli_stream_is_read_to_its_end_not_cancelled(tmp_path):
+    """The CLI used to stop at the summary, before the call's status, and cancel a finished stream: the
+    server then counted it CANCELLED. Now it reads to the end: OK."""
+    from conftest import free_port
+    from test_operations import _sample, scrape
+
+    metrics_port = free_port()
+    srv = start_server(tmp_path, "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1")
+    try:
+        np.save(tmp_path / "logit.npy", np.zeros((50, 4), np.float32))
+        np.save(tmp_path / "label.npy", np.zeros((50, 4), np.float32))
+        for _ in range(3):
+            proc = _cli(srv, "stream", "--logit", str(tmp_path / "logit.npy"), "--label", str(tmp_path / "label.npy"))
+            assert proc.returncode == 0, proc.stderr
+        text = scrape(metrics_port)
+        ok = _sample(text, "grpc_server_handled_total", grpc_method="ComputeStream", grpc_code="OK")
+        cancelled = _sample(text, "grpc_server_handled_total", grpc_method="ComputeStream", grpc_code="CANCELLED")
+    finally:
+        assert srv.stop() == 0
+    assert (ok, cancelled) == (3, 0)
