@@ -21,6 +21,7 @@ responses with `tensor_field`; the client writes requests and reads responses.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterator
 
@@ -161,6 +162,7 @@ def length_delimited(field_number: int, length: int) -> bytes:
     return key + varint(length)
 
 
+@functools.lru_cache(maxsize=1024)  # a training loop sends the same few shapes again and again
 def tensor_header(dtype: int, shape: tuple[int, ...]) -> bytes:
     """A Tensor's `dtype` and packed `shape` fields, as protobuf serializes them (defaults omitted)."""
     out = b"\x08" + varint(dtype) if dtype else b""
