@@ -297,3 +297,23 @@ def test_cli_stream_is_read_to_its_end_not_cancelled(tmp_path):
     finally:
         assert srv.stop() == 0
     assert (ok, cancelled) == (3, 0)
+
+
+def test_a_split_batch_ends_its_stream_ok_not_cancelled(tmp_path):
+    """compute() of a split batch reads its stream to the end (the server counts it OK, not CANCELLED)."""
+    from conftest import free_port
+    from test_operations import _sample, scrape
+
+    metrics_port = free_port()
+    srv = start_server(tmp_path, "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1",
+                       "--max-message-mb", "1")
+    try:
+        with FocalLossClient(srv.target) as client:
+            result = client.compute(np.zeros(300_000, np.float32), np.zeros(300_000, np.float32), compute_grad=True)
+        assert result.stats.elements == 300_000
+        text = scrape(metrics_port)
+        counts = {code: _sample(text, "grpc_server_handled_total", grpc_method="ComputeStream", grpc_code=code)
+                  for code in ("OK", "CANCELLED")}
+    finally:
+        assert srv.stop() == 0
+    assert counts == {"OK": 1, "CANCELLED": 0}

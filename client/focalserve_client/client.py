@@ -557,13 +557,17 @@ class FocalLossClient:
             if progress and result.error is None:
                 progress(result.stats.elements, result.stats.elements)
             return result
+        result = None
         for item in self._exchange(iter([plan]), timeout or self.timeout * max(1, plan.chunks)):
             if isinstance(item, ComputeResult):
                 if item.error is not None:
-                    raise item.error
-                return item
-        raise FocalLossError(grpc.StatusCode.INTERNAL, "the stream ended without the batch's result",
-                             request_id=request_id)
+                    raise item.error  # (closing the exchange cancels the call: the server stops its work)
+                result = item
+            # and on to the end: leaving before the call's status would cancel a finished call
+        if result is None:
+            raise FocalLossError(grpc.StatusCode.INTERNAL, "the stream ended without the batch's result",
+                                 request_id=request_id)
+        return result
 
     def stream(self, batches: Iterable, *, timeout: float | None = None) -> Iterator[ComputeResult | StreamSummary]:
         """Computes many batches over one ComputeStream; yields each ComputeResult in order, then the summary.
