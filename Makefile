@@ -22,7 +22,7 @@ BENCH_VENV := .venv-bench
 PROTOC_VENV := .venv-protoc
 MIN_VENV    := .venv-minversions
 
-.PHONY: serve test setup stubs clean bench bench-cpu bench-service protoc-venv minversions-venv
+.PHONY: serve test setup stubs clean bench bench-cpu bench-service bench-client protoc-venv minversions-venv
 
 serve: setup
 	$(PY) -m focalserve $(ARGS)
@@ -81,6 +81,11 @@ bench-cpu: $(BENCH_VENV)/.installed
 
 bench-service: setup
 	$(PY) benchmarks/service.py $(BENCH_ARGS)
+
+# The public Python client API (and the Node.js client, where benchmarks/node_client.js exists) against the
+# transport floor; BENCH_ARGS="--rounds N --split-bytes 256M" for a shorter run.
+bench-client: setup
+	$(PY) benchmarks/client.py $(BENCH_ARGS)
 
 $(BENCH_VENV)/.installed: requirements.lock requirements-bench.txt
 	$(PYTHON) -m venv $(BENCH_VENV)

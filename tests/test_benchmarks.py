@@ -60,3 +60,21 @@ def test_service_benchmark_prints_every_measurement():
     # the CPU columns of the concurrency rows: server and client cores of both sides
     assert re.search(r"server \d+\.\d\d / client \d+\.\d\d cores", rows["4 concurrent clients x 16K"][0])
     assert "the floor's own:" in rows["8 sequential Compute x 4K"][2]
+
+
+def test_client_benchmark_prints_every_row():
+    rows = run_script("client.py", "--smoke", timeout=300)
+    expected = ["compute 64K elements, with gradient", "compute 64K elements, without gradient",
+                "compute 1K elements with gradient, p50", "stream() 8 x 4K, with gradient",
+                "split path, 16MB batch (2,097,152 elements), with gradient",
+                "one 4MB call (838,041 elements), client peak beyond arrays and result",
+                "CLI compute 64K elements, --grad-out (process start, .npy in and out)"]
+    assert [name for name in rows if name != "measurement"][:len(expected)] == expected
+    for name in expected:
+        for cell in rows[name][:2]:
+            values = numbers(cell)
+            assert values and all(math.isfinite(v) and v >= 0 for v in values), (name, cell)
+    # the Node.js row: measured where benchmarks/node_client.js exists, else skipped with the reason
+    node = [name for name in rows if name.startswith("Node.js compute")]
+    assert len(node) == 1
+    assert (BENCHMARKS / "node_client.js").exists() or rows[node[0]][0].startswith("skipped:")

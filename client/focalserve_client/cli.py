@@ -1,6 +1,6 @@
 """focalserve-client: the focal loss of .npy files, from the command line.
 
-    focalserve-client compute --logit logit.npy --label label.npy [--grad-out grad.npy]
+    focalserve-client compute --logit logit.npy --label label.npy [--grad-out grad.npy] [--upstream-grad g.npy]
     focalserve-client stream  --logit a.npy --label b.npy --logit c.npy --label d.npy
     focalserve-client info
 """
@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def loss_options(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--label-format", choices=("dense", "class-index"), default="dense")
+        # class_index is the Python API's spelling; the CLI's own is class-index: both work
+        q.add_argument("--label-format", choices=("dense", "class-index", "class_index"), default="dense")
         q.add_argument("--alpha", type=float, help="default 0.25")
         q.add_argument("--gamma", type=float, help="default 2.0")
         q.add_argument("--normalizer", type=float,
@@ -86,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compute", help="loss (and gradient) of one logit/label pair of .npy files")
     c.add_argument("--logit", required=True)
     c.add_argument("--label", required=True)
-    c.add_argument("--grad-output", help=".npy upstream gradient (scalar for sum/mean, loss-shaped for none)")
+    # --grad-output (the API's name) read too much like --grad-out: renamed, the old spelling kept as an alias
+    c.add_argument("--upstream-grad", "--grad-output", dest="upstream_grad",
+                   help=".npy upstream gradient, the API's grad_output (scalar for sum/mean, loss-shaped for none)")
     c.add_argument("--grad-out", help="compute the gradient and save it to this .npy file")
     c.add_argument("--loss-out", help="save the loss to this .npy file")
     loss_options(c)
@@ -147,15 +150,32 @@ def main(argv: list[str] | None = None) -> int:
     except FocalLossError as e:
         print(f"focalserve-client: {e}", file=sys.stderr)
         for field, why in e.violations:
-            print(f"  {field}: {why}", file=sys.stderr)
+            if f"{field}: {why}" not in e.message:  # the server's message usually is the first violation
+                print(f"  {field}: {why}", file=sys.stderr)
         return 1
+    except InputError as e:
+        print(f"focalserve-client: {e}", file=sys.stderr)
+        return 2
     finally:
         client.close()
 
 
+class InputError(Exception):
+    """A file named on the command line that cannot be used."""
+
+
+def _load(path: str, option: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise InputError(f"cannot read {option} {path}: {reason}") from None
+
+
 def _compute(client: FocalLossClient, args, options: dict, progress: Progress) -> int:
-    grad_output = np.load(args.grad_output) if args.grad_output else None
-    result = client.compute(np.load(args.logit), np.load(args.label), compute_grad=bool(args.grad_out),
+    grad_output = _load(args.upstream_grad, "--upstream-grad") if args.upstream_grad else None
+    result = client.compute(_load(args.logit, "--logit"), _load(args.label, "--label"),
+                            compute_grad=bool(args.grad_out),
                             grad_output=grad_output, progress=progress.update, **options)
     if args.grad_out:
         np.save(args.grad_out, result.grad)
@@ -175,8 +195,10 @@ def _stream(client: FocalLossClient, args, options: dict, progress: Progress) ->
         print("focalserve-client: give as many --label as --logit", file=sys.stderr)
         return 2
     pairs = list(zip(args.logit, args.label))
-    batches = ({"logit": np.load(lg), "label": np.load(lb), "request_id": lg, **options} for lg, lb in pairs)
+    batches = ({"logit": _load(lg, "--logit"), "label": _load(lb, "--label"), "request_id": lg, **options}
+               for lg, lb in pairs)
     failed = 0
+    # read to the end (the summary comes after the call's status): stopping early would cancel the call
     for done, item in enumerate(client.stream(batches), start=1):
         if isinstance(item, StreamSummary):
             summary = {"items": item.items, "failed_items": item.failed_items, "elements": item.elements,
@@ -185,7 +207,7 @@ def _stream(client: FocalLossClient, args, options: dict, progress: Progress) ->
             print(json.dumps({"summary": summary}) if args.json else
                   f"{item.items} items ({item.failed_items} failed), {item.elements:,} elements, "
                   f"loss_sum {item.loss_sum:.8g}, normalized_loss {item.normalized_loss:.8g}")
-            break
+            continue
         progress.update(done, len(pairs))
         if item.error is not None:
             failed += 1

@@ -2,7 +2,7 @@
 
 A Tensor is raw little-endian bytes in C order plus a dtype and a shape. Decoding returns a read-only
 view of the message's bytes (no copy); only bfloat16, which NumPy lacks, is widened to float32.
-Encoding copies the array's bytes once, into the message.
+Encoding copies the array's bytes once, into the message; wire.py writes them into request bytes.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import math
 import numpy as np
 
 from focalloss.v1 import focal_loss_pb2 as pb
+
+# The writer lives in wire.py, with the reader; the server imports these names from here too.
+from .wire import length_delimited, payload_view, tensor_field  # noqa: F401
 
 # Wire dtype -> NumPy dtype (explicitly little-endian). bfloat16 travels as its raw 16 bits.
 NUMPY_DTYPES: dict[int, np.dtype] = {
@@ -36,6 +39,7 @@ _WIRE_DTYPES: dict[np.dtype, int] = {
 
 
 MAX_RANK = 64  # NumPy's maximum number of dimensions
+_INTP_MAX = int(np.iinfo(np.intp).max)  # (np.iinfo costs microseconds a call: a 1K request's decode pays it twice)
 
 
 class TensorError(ValueError):
@@ -80,7 +84,7 @@ def decode(tensor: pb.Tensor, field: str, allowed: tuple[int, ...], data=None) -
             f"{field}.data",
             f"has {len(data)} bytes but shape {list(shape)} of {pb.DType.Name(tensor.dtype)} needs {nbytes}",
         )
-    if math.prod(d for d in shape if d) * itemsize > np.iinfo(np.intp).max:
+    if math.prod(d for d in shape if d) * itemsize > _INTP_MAX:
         # empty, but NumPy refuses such a shape even with a zero dimension in it
         raise TensorError(f"{field}.shape", f"{list(shape)} is larger than any array can be")
     array = np.frombuffer(data, dtype=NUMPY_DTYPES[tensor.dtype], count=size)
@@ -102,57 +106,78 @@ def float32_to_bfloat16(values: np.ndarray) -> np.ndarray:
     return np.where(nan, (bits >> 16) | 0x40, rounded).astype(np.uint16)
 
 
-def encode(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
-    """An ndarray as a Tensor message. `dtype` forces the wire dtype (e.g. DTYPE_BFLOAT16 for uint16 bits)."""
+def wire_array(array, dtype: int | None = None) -> tuple[int, np.ndarray]:
+    """(wire dtype, the array as C-contiguous little-endian values of it): the array itself when it already
+    is one (no copy), else one converted copy. `dtype` forces the wire dtype."""
     array = np.asarray(array)
     if dtype is None:
-        try:
-            dtype = _WIRE_DTYPES[array.dtype.newbyteorder("=")]
-        except KeyError:
-            raise TensorError("tensor", f"NumPy dtype {array.dtype} has no wire dtype") from None
+        dtype = _WIRE_DTYPES.get(array.dtype)
+        if dtype is not None and array.flags.c_contiguous and array.dtype == NUMPY_DTYPES[dtype]:
+            return dtype, array  # already what travels (the common case: its checks below cost a 1K call)
+        if dtype is None:
+            try:
+                dtype = _WIRE_DTYPES[array.dtype.newbyteorder("=")]
+            except KeyError:
+                raise TensorError("tensor", f"NumPy dtype {array.dtype} has no wire dtype") from None
     wire = NUMPY_DTYPES[dtype]
     if array.dtype != wire:
         array = array.astype(wire)
-    return pb.Tensor(dtype=dtype, shape=array.shape, data=np.ascontiguousarray(array).tobytes())
-
-
-# ---- writing a Tensor field straight into a message's wire bytes (one copy of the payload) ----
-
-_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
-
-
-def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return _ONE_BYTE[value]
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_KEYS: dict[int, bytes] = {}
-
-
-def length_delimited(field_number: int, length: int) -> bytes:
-    """The key and length that start a length-delimited field (wire type 2) of `length` bytes."""
-    key = _KEYS.get(field_number)
-    if key is None:
-        key = _KEYS[field_number] = _varint(field_number << 3 | 2)
-    return key + _varint(length)
-
-
-def tensor_field(field_number: int, array: np.ndarray) -> list:
-    """`array` as field `field_number` (a Tensor) of an enclosing message, in protobuf wire format.
-
-    Returns pieces for b"".join(): the array's own memory is the last piece, so joining copies the
-    payload exactly once, where building a Tensor message and serializing it would copy it three times.
-    """
     if not array.flags.c_contiguous:
-        array = array.copy()  # (np.ascontiguousarray would turn a 0-d loss into shape [1])
-    dtype = _WIRE_DTYPES.get(array.dtype) or _WIRE_DTYPES[array.dtype.newbyteorder("=")]
-    header = pb.Tensor(dtype=dtype, shape=array.shape).SerializeToString()
-    data_key = length_delimited(3, array.nbytes)
-    body_length = len(header) + len(data_key) + array.nbytes
-    return [length_delimited(field_number, body_length), header, data_key, memoryview(array.reshape(-1)).cast("B")]
+        array = array.copy()  # (np.ascontiguousarray would turn a 0-d array into shape [1])
+    return dtype, array
+
+
+# ---- lossless narrowing of labels (README "Wire dtypes") ----
+
+_NARROW_CHUNK = 1 << 16  # elements per pass: the chunk's temporaries stay in cache
+_UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+_INT32 = np.iinfo(np.int32)
+_ONES: dict[np.dtype, np.unsignedinteger] = {}  # the bits of 1.0 in each float dtype and byte order
+
+
+def narrow_dense_label(array: np.ndarray) -> tuple[int, np.ndarray] | None:
+    """(DTYPE_UINT8, 0/1 bytes) for a float array whose every value is exactly +0.0 or 1.0 (bit for bit:
+    -0.0 and soft labels keep their dtype), else None. One pass over the labels, in cache-sized chunks."""
+    if array.dtype.kind != "f" or array.dtype.itemsize not in _UNSIGNED:
+        return None
+    if not array.flags.c_contiguous:
+        return None
+    unsigned = _UNSIGNED[array.dtype.itemsize]
+    bits = array.reshape(-1).view(unsigned)
+    one = _ONES.get(array.dtype)
+    if one is None:
+        one = _ONES[array.dtype] = np.array(1, array.dtype).view(unsigned)[()]  # in the array's byte order
+    if bits.size <= _NARROW_CHUNK:  # small: fewer NumPy calls (a 1K request's whole client cost is ~50 us)
+        is_one = bits == one
+        if np.count_nonzero(is_one) + np.count_nonzero(bits == 0) != bits.size:
+            return None
+        return pb.DTYPE_UINT8, is_one.view(np.uint8).reshape(array.shape)
+    out = np.empty(bits.size, np.uint8)
+    is_one = np.empty(min(bits.size, _NARROW_CHUNK), np.bool_)
+    is_zero = np.empty_like(is_one)
+    for start in range(0, bits.size, _NARROW_CHUNK):
+        chunk = bits[start:start + _NARROW_CHUNK]
+        n = chunk.size
+        np.equal(chunk, one, out=is_one[:n])
+        np.equal(chunk, 0, out=is_zero[:n])
+        np.logical_or(is_one[:n], is_zero[:n], out=is_zero[:n])
+        if not is_zero[:n].all():
+            return None
+        out[start:start + n] = is_one[:n].view(np.uint8)
+    return pb.DTYPE_UINT8, out.reshape(array.shape)
+
+
+def narrow_class_label(array: np.ndarray) -> tuple[int, np.ndarray] | None:
+    """(DTYPE_INT32, the labels) for an int64 array whose values all fit in int32, else None."""
+    if array.dtype.kind != "i" or array.dtype.itemsize <= 4 or array.size == 0:
+        return None
+    if array.min() < _INT32.min or array.max() > _INT32.max:
+        return None
+    return pb.DTYPE_INT32, array.astype("<i4")
+
+
+def encode(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
+    """An ndarray as a Tensor message. `dtype` forces the wire dtype (e.g. DTYPE_BFLOAT16 for uint16 bits)."""
+    dtype, array = wire_array(array, dtype)
+    return pb.Tensor(dtype=dtype, shape=array.shape, data=payload_view(array).tobytes())
+
