@@ -270,3 +270,92 @@ def test_sigterm_mid_upload_lets_the_call_finish(tmp_path):
     assert exited < 20, f"exit {exited:.1f}s after SIGTERM: the health Watch held it for the grace period"
     done = next(e for e in _events(srv) if e.get("event") == "drain_calls_done")
     assert done["cancelled_calls"] == 0, done
+
+
+# ---- 13.2: refusals at the headers, the body unread ----
+
+REFUSAL_GROWTH_MIB = 384
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    """A server with a token and one call at a time, large messages allowed."""
+    srv = start_server(tmp_path_factory.mktemp("guarded"), "--workers", "1", "--max-message-mb", "128",
+                       "--max-concurrent-rpcs", "1", "--log-format", "json", env={"FOCALSERVE_AUTH_TOKEN": TOKEN})
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture(scope="module")
+def big_body() -> bytes:
+    """A valid 64 MiB ComputeRequest, serialized once and reused by every call of the floods."""
+    return _request(8 * MiB, reduction="sum").SerializeToString()
+
+
+def _flood_growth(srv: ServerProcess, method: str, body: bytes, token: str | None) -> tuple[list[_Outcome], float]:
+    base = _reset_peak(srv.process.pid)
+    outcomes = _flood(srv.target, method, body, peers=8, calls=3, token=token)
+    growth = _peak_growth_mib(srv.process.pid, base)
+    print(f"\n{method} x24 of {len(body) / MiB:.0f} MiB, token={token is not None}: server peak RSS "
+          f"+{growth:.0f} MiB")
+    return outcomes, growth
+
+
+def test_calls_without_a_token_are_refused_unread(guarded, big_body):
+    """Issue 13.2: 8 peers x 3 bodies of 64 MiB without a token (and with a wrong one): every call
+    UNAUTHENTICATED with its ErrorInfo reason, and the server's peak RSS grows by less than 384 MiB (it
+    read and parsed every body before refusing it: +1.5 GiB here)."""
+    for token, reason in ((None, "TOKEN_MISSING"), ("wrong", "TOKEN_INVALID")):
+        outcomes, growth = _flood_growth(guarded, "Compute", big_body, token)
+        assert [(o.code, o.reason) for o in outcomes] == [(grpc.StatusCode.UNAUTHENTICATED, reason)] * 24
+        assert all(o.details.startswith("authorization: ") for o in outcomes), outcomes[0].details
+        assert growth < REFUSAL_GROWTH_MIB, f"refused calls grew the server's peak RSS by {growth:.0f} MiB"
+
+
+def _hold_the_only_slot(srv: ServerProcess):
+    """Opens a ComputeStream (authenticated) that answers one item and then waits: with
+    --max-concurrent-rpcs 1 every other FocalLossService call is over the limit. Returns a release()."""
+    release = threading.Event()
+    answered = threading.Event()
+    metadata = [("authorization", f"Bearer {TOKEN}")]
+    channel = grpc.insecure_channel(srv.target, options=NO_RETRY)
+
+    def items():
+        yield _request(100)
+        release.wait(120)
+
+    def run():
+        for _ in pb_grpc.FocalLossServiceStub(channel).ComputeStream(items(), metadata=metadata, timeout=120):
+            answered.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert answered.wait(30)
+
+    def done():
+        release.set()
+        thread.join(30)
+        channel.close()
+
+    return done
+
+
+def test_calls_over_the_concurrency_limit_are_refused_unread(guarded, big_body):
+    """Issue 13.2: with the one slot taken, 8 peers x 3 authenticated 64 MiB calls: every one
+    RESOURCE_EXHAUSTED (OVERLOADED, the message starting with the flag), peak RSS grows < 384 MiB."""
+    release = _hold_the_only_slot(guarded)
+    try:
+        outcomes, growth = _flood_growth(guarded, "Compute", big_body, TOKEN)
+    finally:
+        release()
+    assert [(o.code, o.reason) for o in outcomes] == [(grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED")] * 24
+    assert all(o.details.startswith("--max-concurrent-rpcs: server busy") for o in outcomes), outcomes[0].details
+    assert growth < REFUSAL_GROWTH_MIB, f"refused calls grew the server's peak RSS by {growth:.0f} MiB"
+
+
+def test_unknown_methods_are_refused_unread(guarded, big_body):
+    """gRPC itself refuses a method the server does not have, at the headers: UNIMPLEMENTED, 'Method not
+    found!' (README "Errors" quotes it), and the bodies are not read."""
+    outcomes, growth = _flood_growth(guarded, "NoSuchMethod", big_body, TOKEN)
+    assert {(o.code, o.details, o.reason) for o in outcomes} == {(grpc.StatusCode.UNIMPLEMENTED, "Method not found!", "")}
+    assert growth < REFUSAL_GROWTH_MIB, f"refused calls grew the server's peak RSS by {growth:.0f} MiB"
