@@ -29,7 +29,7 @@ from focalserve_client.client import build_request
 SERVICE = "focalloss.v1.FocalLossService"
 MiB = 1 << 20
 TOKEN = "pressure-token"
-NO_RETRY = [("grpc.enable_retries", 0)]
+NO_RETRY = [("grpc.enable_retries", 0), ("grpc.max_receive_message_length", -1)]
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/PID/status (Linux)")
 
@@ -359,3 +359,68 @@ def test_unknown_methods_are_refused_unread(guarded, big_body):
     outcomes, growth = _flood_growth(guarded, "NoSuchMethod", big_body, TOKEN)
     assert {(o.code, o.details, o.reason) for o in outcomes} == {(grpc.StatusCode.UNIMPLEMENTED, "Method not found!", "")}
     assert growth < REFUSAL_GROWTH_MIB, f"refused calls grew the server's peak RSS by {growth:.0f} MiB"
+
+
+# ---- 13.3: a memory bound that holds ----
+
+def memory_bound_mib(max_message_mb: int, max_concurrent_rpcs: int) -> int:
+    """README "Memory" (CPU backend): above the idle process, 9 message limits per admitted call."""
+    return 9 * max_message_mb * max_concurrent_rpcs
+
+
+def test_memory_stays_under_the_documented_bound(tmp_path):
+    """Issue 13.3: authenticated clients send more concurrent large calls and streams than the limits allow
+    (--max-message-mb 32, --max-concurrent-rpcs 3): the refused get RESOURCE_EXHAUSTED (OVERLOADED), every
+    accepted call and stream item is answered right, and the server's peak RSS stays under the README's
+    bound."""
+    mb, limit = 32, 3
+    srv = start_server(tmp_path, "--workers", "1", "--max-message-mb", str(mb), "--max-concurrent-rpcs",
+                       str(limit), env={"FOCALSERVE_AUTH_TOKEN": TOKEN})
+    metadata = [("authorization", f"Bearer {TOKEN}")]
+    n = 3_900_000  # float32 logit and label: 29.8 MiB in, loss and gradient: 29.8 MiB out
+    request = _request(n, seed=3, reduction="none", compute_grad=True)
+    body = request.SerializeToString()
+    try:
+        base = _reset_peak(srv.process.pid)  # idle: the bound is over the process as it starts
+        with grpc.insecure_channel(srv.target, options=NO_RETRY) as channel:
+            expected = pb.ComputeResponse.FromString(_raw_unary(channel, "Compute")(body, metadata=metadata,
+                                                                                     timeout=120))
+
+        def unary(_: int) -> _Outcome:
+            with grpc.insecure_channel(srv.target, options=NO_RETRY) as channel:
+                return _Outcome.of(_raw_unary(channel, "Compute"), body, metadata=metadata, timeout=120)
+
+        def stream(_: int) -> list[pb.ComputeStreamResponse] | _Outcome:
+            with grpc.insecure_channel(srv.target, options=NO_RETRY) as channel:
+                try:
+                    return list(pb_grpc.FocalLossServiceStub(channel).ComputeStream(
+                        iter([request] * 3), metadata=metadata, timeout=120))
+                except grpc.RpcError as e:
+                    info = error_info(e)
+                    return _Outcome(e.code(), e.details() or "", info.reason if info else "")
+
+        with concurrent.futures.ThreadPoolExecutor(17) as pool:
+            streams = [pool.submit(stream, i) for i in range(3)]
+            unaries = [pool.submit(unary, i) for i in range(14)]
+            streams = [f.result() for f in streams]
+            unaries = [f.result() for f in unaries]
+        growth = _peak_growth_mib(srv.process.pid, base)
+    finally:
+        assert srv.stop() == 0, srv.log()
+    bound = memory_bound_mib(mb, limit)
+    admitted = sum(isinstance(o, list) or o.code == grpc.StatusCode.OK for o in unaries + streams)
+    print(f"\npeak RSS +{growth:.0f} MiB over the idle {base / 1024:.0f} MiB; bound {bound} MiB; "
+          f"{admitted} of {len(unaries) + len(streams)} calls admitted")
+    refused = [o for o in unaries + streams if isinstance(o, _Outcome) and o.code != grpc.StatusCode.OK]
+    assert refused, "nothing was over the limit: the test did not press"
+    assert {(o.code, o.reason) for o in refused} == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED")}
+    answers = [pb.ComputeResponse.FromString(o.response) for o in unaries if o.code == grpc.StatusCode.OK]
+    answers += [m.result for s in streams if isinstance(s, list) for m in s[:-1]]
+    assert answers, "nothing was accepted"
+    for answer in answers:
+        assert not answer.HasField("error"), answer.error.message
+        assert answer.loss.data == expected.loss.data and answer.grad.data == expected.grad.data
+    for s in streams:
+        if isinstance(s, list):
+            assert len(s) == 4 and s[-1].summary.items == 3 and s[-1].summary.failed_items == 0
+    assert growth < bound, f"peak RSS grew {growth:.0f} MiB, over the documented {bound} MiB"

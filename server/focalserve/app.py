@@ -30,6 +30,7 @@ from .service import FocalLossServicer, add_to_server
 log = logging.getLogger("focalserve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FocalLossService"].full_name
 STREAM_HEADROOM = 8
+STREAM_LOOKAHEAD_BYTES = 4 << 20
 
 
 class _JsonFormatter(logging.Formatter):
@@ -125,7 +126,11 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     options = [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes),
                # gRPC sets SO_REUSEPORT by default: a second server on a taken port would then share it
                # silently; fail to bind instead, unless several processes are meant to share it
-               ("grpc.so_reuseport", 1 if config.reuse_port else 0)]
+               ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+               # A fixed 4 MiB read-ahead per stream instead of BDP-grown windows: a stream's unread bytes
+               # (a refused body, the next item of a stream) stay within it, so memory has a bound; a message
+               # being read still gets the window it needs (README "Memory")
+               ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", STREAM_LOOKAHEAD_BYTES)]
     if config.max_connection_age_s > 0:
         # clients re-resolve on reconnect, so new replicas get traffic; in-flight calls get a grace period
         options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),

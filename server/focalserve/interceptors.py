@@ -253,12 +253,11 @@ class _Slot:
             await self.context.abort_with_status(gate.overloaded)
         gate.active += 1
         gate.idle.clear()
+        # released when gRPC is done with the call, not when the handler returns: a unary answer is sent
+        # after that, and until then it (and gRPC's copy of it) is memory the bound counts
+        self.context.add_done_callback(gate.leave)
 
     async def __aexit__(self, *exc):
-        gate = self.gate
-        gate.active -= 1
-        if not gate.active:
-            gate.idle.set()
         return False
 
 
@@ -287,6 +286,11 @@ class CallGate(grpc.aio.ServerInterceptor):
 
     async def wait_idle(self) -> None:
         await self.idle.wait()
+
+    def leave(self, _context=None) -> None:
+        self.active -= 1
+        if not self.active:
+            self.idle.set()
 
     def release_watches(self) -> None:
         self._released.set()
