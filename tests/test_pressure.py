@@ -244,6 +244,9 @@ def test_sigterm_mid_upload_lets_the_call_finish(tmp_path):
             expected = pb.ComputeResponse.FromString(_raw_unary(direct, "Compute")(body, timeout=60))
             watch = health_pb2_grpc.HealthStub(direct).Watch(health_pb2.HealthCheckRequest(), timeout=60)
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            watch_end: list[_Outcome] = []
+            follower = threading.Thread(target=lambda: watch_end.append(_Outcome.of(lambda: list(watch))))
+            follower.start()
             with grpc.insecure_channel(f"127.0.0.1:{proxy.port}", options=NO_RETRY) as slow:
                 call = _raw_unary(slow, "Compute").future(body, timeout=60)
                 while proxy.uploaded < 0.8 * 24 * MiB:
@@ -258,7 +261,7 @@ def test_sigterm_mid_upload_lets_the_call_finish(tmp_path):
                 outcome = _Outcome.of(call.result)
             assert srv.process.wait(60) == 0
             exited = time.monotonic() - sigterm
-            watch.cancel()
+            follower.join(10)
     finally:
         proxy.close()
         srv.stop()
@@ -268,6 +271,7 @@ def test_sigterm_mid_upload_lets_the_call_finish(tmp_path):
     assert got.stats.loss_sum == expected.stats.loss_sum and got.stats.elements == n
     assert late.code == grpc.StatusCode.UNAVAILABLE, f"a call after SIGTERM: {late.code.name}"
     assert exited < 20, f"exit {exited:.1f}s after SIGTERM: the health Watch held it for the grace period"
+    assert [(o.code, o.reason) for o in watch_end] == [(grpc.StatusCode.UNAVAILABLE, "DRAINING")]
     done = next(e for e in _events(srv) if e.get("event") == "drain_calls_done")
     assert done["cancelled_calls"] == 0, done
 
@@ -368,6 +372,22 @@ def memory_bound_mib(max_message_mb: int, max_concurrent_rpcs: int) -> int:
     return 9 * max_message_mb * max_concurrent_rpcs
 
 
+@pytest.mark.parametrize("manifest, idle_mib", [("deployment.yaml", 256), ("deployment-gpu.yaml", 1024)])
+def test_kubernetes_limits_hold_the_bound(manifest, idle_mib):
+    """The manifests' flags give a bound (with a generous idle process; a CUDA context on the GPU) under
+    their memory limit, and set the limit explicitly (the default 0 would mean no bound)."""
+    import yaml
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "k8s" / manifest).read_text())
+    container = doc["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mb, limit, workers = (int(env[f"FOCALSERVE_{k}"]) for k in ("MAX_MESSAGE_MB", "MAX_CONCURRENT_RPCS", "WORKERS"))
+    assert limit > 0
+    bound = idle_mib + memory_bound_mib(mb, limit) + (2 * mb * workers if env["FOCALSERVE_BACKEND"] == "gpu" else 0)
+    memory = container["resources"]["limits"]["memory"]
+    assert memory.endswith("Gi")
+    assert bound <= int(memory[:-2]) * 1024, f"{manifest}: bound {bound} MiB over the {memory} limit"
+
+
 def test_memory_stays_under_the_documented_bound(tmp_path):
     """Issue 13.3: authenticated clients send more concurrent large calls and streams than the limits allow
     (--max-message-mb 32, --max-concurrent-rpcs 3): the refused get RESOURCE_EXHAUSTED (OVERLOADED), every
@@ -424,3 +444,95 @@ def test_memory_stays_under_the_documented_bound(tmp_path):
         if isinstance(s, list):
             assert len(s) == 4 and s[-1].summary.items == 3 and s[-1].summary.failed_items == 0
     assert growth < bound, f"peak RSS grew {growth:.0f} MiB, over the documented {bound} MiB"
+
+
+# ---- 15.3: a machine-readable cause on every refusal ----
+
+def _status_details(error: grpc.RpcError):
+    status = rpc_status.from_call(error)
+    assert status is not None, f"{error.code().name} without google.rpc.Status details: {error.details()!r}"
+    return status
+
+
+def _unpack_all(status) -> tuple[error_details_pb2.BadRequest | None, error_details_pb2.ErrorInfo | None]:
+    bad_request = info = None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+    return bad_request, info
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("limited"), "--workers", "1", "--max-message-mb", "1",
+                       "--max-elements", "1000")
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+@pytest.mark.parametrize("case, code, reason, field", [
+    ("alpha", grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "alpha"),
+    ("elements", grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_ELEMENTS", "logit"),
+    ("gpu", grpc.StatusCode.FAILED_PRECONDITION, "BACKEND_UNAVAILABLE", "backend"),
+])
+def test_field_refusals_carry_error_info_beside_bad_request(limited, case, code, reason, field):
+    """Issue 15.3: a refusal about a field keeps its BadRequest first (older clients read details[0]) and
+    adds an ErrorInfo (domain focalserve) whose reason a client can branch on and whose metadata names the
+    field; the message still starts with the field."""
+    if case == "gpu" and os.environ.get("FOCALSERVE_TEST_BACKEND") == "gpu":
+        pytest.skip("the server has a GPU: BACKEND_GPU is not refused")
+    request = {"alpha": lambda: _request(10, alpha=2.0), "elements": lambda: _request(2000),
+               "gpu": lambda: _request(10, backend="gpu")}[case]()
+    with grpc.insecure_channel(limited.target, options=NO_RETRY) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.FocalLossServiceStub(channel).Compute(request, timeout=30)
+    assert refused.value.code() == code
+    assert refused.value.details().startswith(field)
+    status = _status_details(refused.value)
+    bad_request, info = _unpack_all(status)
+    assert status.details[0].Is(error_details_pb2.BadRequest.DESCRIPTOR)
+    assert [v.field for v in bad_request.field_violations] == [field]
+    assert (info.domain, info.reason, dict(info.metadata)) == ("focalserve", reason, {"field": field})
+
+
+def test_a_refused_stream_item_carries_error_info(limited):
+    with grpc.insecure_channel(limited.target, options=NO_RETRY) as channel:
+        replies = list(pb_grpc.FocalLossServiceStub(channel).ComputeStream(
+            iter([_request(10, alpha=-1.0), _request(10)]), timeout=30))
+    bad_request, info = _unpack_all(replies[0].result.error)
+    assert replies[0].result.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert info.reason == "INVALID_FIELD" and [v.field for v in bad_request.field_violations] == ["alpha"]
+    assert not replies[1].result.HasField("error") and replies[2].summary.failed_items == 1
+
+
+def test_an_oversize_message_is_refused_by_grpc_as_documented(limited):
+    """The README quotes what gRPC itself answers for a message over --max-message-mb (checked from its
+    length prefix, before the body is read): RESOURCE_EXHAUSTED, 'SERVER: Received message larger than max
+    (<size> vs. <limit>)', without details; the Python client splits batches so that it never happens."""
+    body = _request(200_000).SerializeToString()
+    with grpc.insecure_channel(limited.target, options=NO_RETRY + [("grpc.max_send_message_length", -1)]) as channel:
+        outcome = _Outcome.of(_raw_unary(channel, "Compute"), body, timeout=30)
+    assert outcome.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert outcome.details == f"SERVER: Received message larger than max ({len(body)} vs. {MiB})"
+    assert outcome.reason == ""
+
+
+def test_every_reason_maps_to_its_status():
+    """The reasons the README's table lists, as the server builds them (the DEADLINE_BEFORE_START and
+    INTERNAL_ERROR ones are hard to provoke end to end: the client's own deadline fires first)."""
+    from focalserve.errors import REASONS, RequestError, internal_status
+
+    def reason_of(status) -> str:
+        return _unpack_all(status)[1].reason
+
+    late = RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, ("grpc-timeout", "the deadline passed before the work started"))
+    assert reason_of(late.to_status_proto()) == "DEADLINE_BEFORE_START"
+    assert late.to_status_proto().code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert reason_of(internal_status("internal error abc")) == "INTERNAL_ERROR"
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for reason in REASONS:
+        assert f"`{reason}`" in readme, f"README 'Errors' does not list {reason}"

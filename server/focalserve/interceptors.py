@@ -61,9 +61,12 @@ def read_at_headers(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
     async def at_headers(request_iterator, context):
         request = await anext(request_iterator, None)
-        if request is None:  # the client half-closed without a message
-            await context.abort_with_status(refusal(
-                grpc.StatusCode.INVALID_ARGUMENT, "request: no message received", "INVALID_FIELD", field="request"))
+        if request is None:
+            # gRPC itself failed the receive: a message over --max-message-mb, refused from its length
+            # prefix, unread (the client already has gRPC's own RESOURCE_EXHAUSTED; this status only
+            # names the failure in the log and metrics), or a client that sent none
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                "request: not received (over --max-message-mb: refused by gRPC, unread)")
         return await behaviour(request, context)
 
     converted = grpc.stream_unary_rpc_method_handler(at_headers, request_deserializer=handler.request_deserializer,
@@ -305,6 +308,7 @@ class CallGate(grpc.aio.ServerInterceptor):
         if service != self._service:
             return handler
         if self.draining:
+            metrics.REJECTED.labels("draining").inc()
             denial = self._refused.get(handler)
             if denial is None:
                 denial = self._refused[handler] = refuse(handler, self._draining)
