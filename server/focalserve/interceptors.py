@@ -60,7 +60,16 @@ def read_at_headers(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     behaviour = handler.unary_unary
 
     async def at_headers(request_iterator, context):
-        request = await anext(request_iterator, None)
+        # Read to the end of the stream (the client half-closes with its message), not just the first
+        # message: the readers (gRPC's async generator, the metrics wrapper's) would otherwise stay suspended
+        # holding the request in a reference cycle that only the garbage collector frees: a large request's
+        # memory kept per call, and the next request's buffers page-faulted afresh.
+        request = None
+        async for message in request_iterator:
+            if request is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    "request: more than one message for a unary method")
+            request = message
         if request is None:
             # gRPC itself failed the receive: a message over --max-message-mb, refused from its length
             # prefix, unread (the client already has gRPC's own RESOURCE_EXHAUSTED; this status only
