@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import os
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from conftest import ServerProcess, start_server
+from conftest import TEST_BACKEND, ServerProcess, start_server
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 from focalserve_client.client import build_request
@@ -483,7 +482,7 @@ def test_field_refusals_carry_error_info_beside_bad_request(limited, case, code,
     """Issue 15.3: a refusal about a field keeps its BadRequest first (older clients read details[0]) and
     adds an ErrorInfo (domain focalserve) whose reason a client can branch on and whose metadata names the
     field; the message still starts with the field."""
-    if case == "gpu" and os.environ.get("FOCALSERVE_TEST_BACKEND") == "gpu":
+    if case == "gpu" and TEST_BACKEND == "gpu":
         pytest.skip("the server has a GPU: BACKEND_GPU is not refused")
     request = {"alpha": lambda: _request(10, alpha=2.0), "elements": lambda: _request(2000),
                "gpu": lambda: _request(10, backend="gpu")}[case]()

@@ -234,8 +234,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or _split(method)[0] == HEALTH_SERVICE:
             return handler
         given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if isinstance(given, bytes):
-            given = given.decode("latin-1")
         if hmac.compare_digest(given.encode(), self._expected):
             return handler
         reason = "TOKEN_INVALID" if given else "TOKEN_MISSING"
@@ -245,7 +243,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             message = ("authorization: wrong bearer token" if given else
                        "authorization: missing (metadata 'authorization: Bearer <token>')")
             denial = self._denials[handler, reason] = refuse(
-                handler, refusal(grpc.StatusCode.UNAUTHENTICATED, message, reason, metadata="authorization"))
+                handler, refusal(grpc.StatusCode.UNAUTHENTICATED, message, reason, header="authorization"))
         return denial
 
 
