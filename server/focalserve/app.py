@@ -24,12 +24,14 @@ from focalserve_client.tensor import encode
 from . import __version__, metrics, reflection, tls, tracing
 from .backends import BackendSet, NumpyBackend, cpu_kernel, measure_crossover
 from .config import Config, parse_args
-from .interceptors import AuthInterceptor, ConcurrencyLimitInterceptor, MetricsInterceptor
+from .interceptors import AuthInterceptor, CallGate, MetricsInterceptor
 from .request import Limits, parse
 from .service import FocalLossServicer, add_to_server
 
 log = logging.getLogger("focalserve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FocalLossService"].full_name
+STREAM_HEADROOM = 8
+STREAM_LOOKAHEAD_BYTES = 4 << 20
 
 
 class _JsonFormatter(logging.Formatter):
@@ -157,11 +159,19 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     options = [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes),
                # gRPC sets SO_REUSEPORT by default: a second server on a taken port would then share it
                # silently; fail to bind instead, unless several processes are meant to share it
-               ("grpc.so_reuseport", 1 if config.reuse_port else 0)]
+               ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+               # A fixed 4 MiB read-ahead per stream instead of BDP-grown windows: a stream's unread bytes
+               # (a refused body, the next item of a stream) stay within it, so memory has a bound; a message
+               # being read still gets the window it needs (README "Memory")
+               ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", STREAM_LOOKAHEAD_BYTES)]
     if config.max_connection_age_s > 0:
         # clients re-resolve on reconnect, so new replicas get traffic; in-flight calls get a grace period
         options += [("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
                     ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]
+    if config.max_concurrent_rpcs > 0:
+        # per connection: one peer cannot open more streams than the whole server would admit, plus a few
+        # for health Watch, reflection and refusals (a refused stream's unread body waits in flow control)
+        options.append(("grpc.max_concurrent_streams", config.max_concurrent_rpcs + STREAM_HEADROOM))
     interceptors = [MetricsInterceptor()]
     if config.tls_client_allow:
         interceptors.append(tls.ClientIdentityInterceptor(config.tls_client_allow))
@@ -169,8 +179,8 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
         interceptors[:0] = tracing.server_interceptors()
     if config.auth_token:
         interceptors.append(AuthInterceptor(config.auth_token))
-    if config.max_concurrent_rpcs > 0:
-        interceptors.append(ConcurrencyLimitInterceptor(config.max_concurrent_rpcs, SERVICE_NAME))
+    gate = CallGate(config.max_concurrent_rpcs, SERVICE_NAME)
+    interceptors.append(gate)
     server = grpc.aio.server(interceptors=interceptors, options=options)
     servicer = FocalLossServicer(backends, executor, Limits(max_elements=config.max_elements), max_bytes,
                                  stream_window=2 * config.workers)
@@ -231,17 +241,26 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> int:
     metrics.SERVING.set(0)
     if config.drain_delay_s > 0:
         await asyncio.sleep(config.drain_delay_s)  # still serving: balancers see NOT_SERVING and move away
-    stopped = asyncio.ensure_future(server.stop(config.grace_seconds))  # new calls refused from here
-    # Health Watch streams (clients' health checking) end only when cancelled and would hold the stop for
-    # the whole grace period: once this service's own calls are done, whatever is left is cancelled.
-    try:
-        await asyncio.wait_for(servicer.wait_idle(), config.grace_seconds)
+    gate.draining = True  # calls whose headers arrive from here on: UNAVAILABLE (DRAINING)
+    # The one stop: gRPC refuses new calls from here on, and cancels what is left when the grace period runs
+    # out. (A second stop racing this one at that instant crashed the process in gRPC's core.)
+    stopped = asyncio.ensure_future(server.stop(config.grace_seconds))
+    try:  # calls are counted from their headers: an upload still arriving is waited for too
+        await asyncio.wait_for(gate.wait_idle(), config.grace_seconds)
+        cut = 0
     except asyncio.TimeoutError:
-        pass
-    await server.stop(0)
+        cut = gate.active
+    seconds = round(time.monotonic() - started, 3)
+    # health Watch streams never end by themselves: end them now rather than wait out the grace period
+    gate.release_watches()
     await stopped
-    log.info("drain: calls finished after %.2fs", time.monotonic() - started,
-             extra={"fields": {"event": "drain_calls_done", "seconds": round(time.monotonic() - started, 3)}})
+    if cut:
+        log.warning("drain: grace period of %.1fs ran out after %.2fs: %d calls still in flight were cancelled",
+                    config.grace_seconds, seconds, cut,
+                    extra={"fields": {"event": "drain_calls_done", "seconds": seconds, "cancelled_calls": cut}})
+    else:
+        log.info("drain: calls finished after %.2fs", seconds,
+                 extra={"fields": {"event": "drain_calls_done", "seconds": seconds, "cancelled_calls": 0}})
     executor.shutdown(wait=True)
     tracing.shutdown()
     log.info("drain: stopped", extra={"fields": {"event": "drain_done"}})

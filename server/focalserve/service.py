@@ -44,22 +44,6 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
         self._limits = limits
         self._max_message_bytes = max_message_bytes
         self._stream_window = max(1, stream_window)
-        self._active = 0                # Compute and ComputeStream calls running (on the event loop only)
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    async def wait_idle(self) -> None:
-        """Returns once no Compute or ComputeStream call is running (the drain waits for this)."""
-        await self._idle.wait()
-
-    def _enter(self) -> None:
-        self._active += 1
-        self._idle.clear()
-
-    def _leave(self) -> None:
-        self._active -= 1
-        if not self._active:
-            self._idle.set()
 
     # ---- the work of one request, on a pool thread ----
 
@@ -118,46 +102,52 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
 
     # ---- RPCs ----
 
+    # Calls are counted for the drain and the concurrency limit from their headers on, by
+    # interceptors.CallGate, not here: a unary handler starts only once its whole body has arrived.
+
     async def Compute(self, request: Received, context: grpc.aio.ServicerContext) -> bytes:
-        self._enter()
         try:
             answer = await self._submit(request, _deadline(context))
             return answer.response
         except RequestError as e:
             await context.abort_with_status(rpc_status.to_status(e.to_status_proto()))
         except Exception:
-            await context.abort(grpc.StatusCode.INTERNAL, _log_internal(request.request_id))
-        finally:
-            self._leave()
+            await context.abort_with_status(rpc_status.to_status(internal_status(_log_internal(request.request_id))))
 
     async def ComputeStream(self, request_iterator, context: grpc.aio.ServicerContext):
-        self._enter()
-        try:
-            async for response in self._stream(request_iterator, context):
-                yield response
-        finally:
-            self._leave()
-
-    async def _stream(self, request_iterator, context: grpc.aio.ServicerContext):
         deadline = _deadline(context)
-        # Bounded: a client that sends faster than the server computes is held back by flow control.
+        # Bounded: a client that sends faster than the server computes is held back by flow control. By count
+        # (the window) and by bytes: the next item is read only while the items read and not yet answered
+        # hold less than one message limit, so a stream never holds more than two full-size requests
+        # (README "Memory"); small items still fill the window.
         in_flight: asyncio.Queue = asyncio.Queue(maxsize=self._stream_window)
+        held = 0
+        room = asyncio.Event()
 
         async def submit_all() -> None:
+            nonlocal held
             try:
                 async for request in request_iterator:
-                    await in_flight.put(asyncio.ensure_future(self._submit(request, deadline, item=True)))
+                    held += request.size
+                    await in_flight.put((asyncio.ensure_future(self._submit(request, deadline, item=True)),
+                                         request.size))
+                    while held >= self._max_message_bytes:
+                        room.clear()
+                        await room.wait()
             finally:
                 await in_flight.put(None)
 
         reader = asyncio.create_task(submit_all())
         summary = pb.StreamSummary()
         try:
-            while (pending := await in_flight.get()) is not None:
+            while (item := await in_flight.get()) is not None:
+                pending, size = item
                 answer = await pending
                 _add_to_summary(summary, answer.stats)
                 # ComputeStreamResponse{result: <the ComputeResponse bytes>}, without parsing them again
                 yield length_delimited(1, len(answer.response)) + answer.response
+                held -= size
+                room.set()
             await reader  # a broken request stream ends the call with its error
             summary.normalized_loss = normalized_loss(summary.loss_sum, summary.positives)
             yield pb.ComputeStreamResponse(summary=summary)
@@ -165,9 +155,9 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
             # a cancelled or failed call: stop reading, and drop queued items not started yet
             reader.cancel()
             while not in_flight.empty():
-                pending = in_flight.get_nowait()
-                if pending is not None:
-                    pending.cancel()
+                item = in_flight.get_nowait()
+                if item is not None:
+                    item[0].cancel()
 
     async def GetServerInfo(self, request, context) -> pb.GetServerInfoResponse:
         return pb.GetServerInfoResponse(
