@@ -62,6 +62,9 @@ class _Scratch:
         self.keep = np.empty(block, dtype)
         self.neg_abs = np.empty(block, dtype)
         self.zeros = np.zeros(block, dtype)
+        self.p_t = np.empty(block, dtype)
+        self.mask = np.empty(block, np.bool_)
+        self.mask2 = np.empty(block, np.bool_)
         self._classes: dict[tuple[int, np.dtype], np.ndarray] = {}
 
     def class_numbers(self, width: int, dtype: np.dtype) -> np.ndarray:
@@ -99,7 +102,7 @@ def focal_block(x: np.ndarray, neg_abs_x: np.ndarray, y: np.ndarray, alpha: floa
                 want_grad: bool, scratch: _Scratch) -> tuple[np.ndarray, np.ndarray | None]:
     """Loss and dloss/dx of one block (before normalizer, reduction and grad_output), in scratch buffers.
 
-    Written for few passes and few live buffers (at most 8 besides the label), so that a block of
+    Written for few passes and few live buffers (at most 8 besides the label and p_t), so that a block of
     block stays in L2 (BLOCK_ELEMENTS_ONE_THREAD) or nearly (BLOCK_ELEMENTS_THREADED).
     """
     n = x.size
@@ -138,10 +141,18 @@ def focal_block(x: np.ndarray, neg_abs_x: np.ndarray, y: np.ndarray, alpha: floa
 
     grad = p_omy                                       # p - y
     if gamma != 0.0:
+        # a 0/1 label's r is p_t itself, taken as focal_block_hard takes it: the quotient can differ from it
+        # by an ulp, and whether a block is all hard depends on where the request's blocks start
+        p_t = scratch.p_t[:n]
+        np.copyto(p_t, omp)
+        np.copyto(p_t, p, where=np.greater(y, 0.5, out=scratch.mask[:n]))
         focus = np.multiply(p, omp, out=b[4])
         den = np.equal(q, 0.0, out=b[3])
         den += q
         focus /= den                                   # r = p(1-p)/q, 0 where q == 0
+        hard = np.equal(y, 0.0, out=scratch.mask[:n])
+        hard |= np.equal(y, 1.0, out=scratch.mask2[:n])
+        np.copyto(focus, p_t, where=hard)
         focus *= ce
         one_m_2y = np.subtract(omy, y, out=b[5])
         focus *= one_m_2y
