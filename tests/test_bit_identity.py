@@ -14,13 +14,20 @@ from __future__ import annotations
 import platform
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
+from conftest import start_server
+from focalloss.v1 import focal_loss_pb2 as pb
 from focalserve import request as rq
-from focalserve.backends import NumpyBackend, cpu_kernel
-from focalserve_client.client import build_request
+from focalserve.backends import BackendSet, NumpyBackend, cpu_kernel
+from focalserve.errors import RequestError
+from focalserve_client import FocalLossClient
+from focalserve_client.client import MESSAGE_OVERHEAD, build_request
 from test_cuda_kernel import compile_on_cpu, run_on_cpu
 
 ROWS, CLASSES = 1500, 5  # 7500 elements: 15 chunks of the compiled kernel, 10 ufunc blocks of 768
@@ -196,3 +203,72 @@ def other_build(request, tmp_path_factory):
 @pytest.mark.parametrize("form", FORMS)
 def test_every_build_of_the_cpu_kernel_gives_the_same_bits(other_build, form, dtype):
     check_offsets_and_splits(other_build, form, dtype, "none", True)
+
+
+# ---- a split batch runs on the engine the whole batch gets (issue 13.6) ----
+
+def test_auto_counts_a_chunk_at_its_whole_batch_size():
+    cpu, gpu = NumpyBackend(), NumpyBackend()
+    backends = BackendSet(cpu, gpu=gpu, default="auto", gpu_min_elements=1000)
+    chunk = build_request(np.zeros(600, np.float32), np.zeros(600, np.float32))
+    assert backends.select(rq.parse(chunk)) is cpu  # alone, 600 elements stay on the CPU
+    chunk.batch_elements = 5000
+    assert backends.select(rq.parse(chunk)) is gpu  # a chunk of 5000: where the whole batch goes
+    chunk.batch_elements, chunk.backend = 5000, pb.BACKEND_CPU
+    assert backends.select(rq.parse(chunk)) is cpu  # an explicit choice still wins
+
+
+@pytest.mark.parametrize("value", [-1, 1, 599])
+def test_batch_elements_below_the_chunk_is_refused(value):
+    chunk = build_request(np.zeros(600, np.float32), np.zeros(600, np.float32))
+    chunk.batch_elements = value
+    with pytest.raises(RequestError) as info:
+        rq.parse(chunk)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.violations[0][0] == "batch_elements" and str(value) in info.value.violations[0][1]
+
+
+GPU_MIN_ELEMENTS = 20_000
+
+
+@pytest.fixture(scope="module")
+def gpu_on_cpu_server(tmp_path_factory):
+    """BACKEND_AUTO between the compiled CPU kernel and the GPU kernel (run on the CPU, tests/fault_server.py)
+    from GPU_MIN_ELEMENTS: two engines whose float32 results differ in the last bits."""
+    if not shutil.which("g++"):
+        pytest.skip("g++ is needed to run the GPU kernel on the CPU")
+    srv = start_server(tmp_path_factory.mktemp("gpu-on-cpu"), "--backend", "auto", "--gpu-min-elements",
+                       str(GPU_MIN_ELEMENTS), "--workers", "2",
+                       command=[sys.executable, str(Path(__file__).with_name("fault_server.py")), "--inject", "gpu-on-cpu"])
+    yield srv
+    assert srv.stop() == 0, srv.log()[-3000:]
+
+
+@pytest.mark.parametrize("form, reduction", [("dense", "none"), ("dense", "mean"), ("class_index", "sum")])
+def test_split_batch_runs_on_the_engine_of_the_whole_batch(gpu_on_cpu_server, form, reduction):
+    """The client splits a 60K-element batch into chunks under GPU_MIN_ELEMENTS; the whole batch goes to the
+    GPU, so must every chunk, and the gradients (and NONE losses) are the whole batch's, bit for bit."""
+    rng = np.random.default_rng(11)
+    rows, classes = 12_000, 5
+    logit = rng.normal(0, 4, (rows, classes)).astype(np.float32)
+    if form == "dense":
+        label = rng.random((rows, classes)).astype(np.float32)
+    else:
+        label = rng.integers(-1, classes + 1, (rows, 1)).astype(np.int32)
+    kwargs = dict(label_format=form, reduction=reduction, compute_grad=True, alpha=0.3, gamma=2.0)
+    chunk_bytes = 2 * 4 * GPU_MIN_ELEMENTS // 3  # requests and responses of well under GPU_MIN_ELEMENTS
+    with FocalLossClient(gpu_on_cpu_server.target) as client, FocalLossClient(
+            gpu_on_cpu_server.target, max_message_bytes=MESSAGE_OVERHEAD + chunk_bytes) as splitting:
+        whole = client.compute(logit, label, **kwargs)
+        chunks = []
+        split = splitting.compute(logit, label, progress=lambda done, total: chunks.append(done), **kwargs)
+        cpu = client.compute(logit, label, backend="cpu", **kwargs)
+    assert len(chunks) >= 4 and chunks[0] < GPU_MIN_ELEMENTS, chunks
+    assert whole.backend == "cupy" and split.backend == "cupy"
+    assert_same_bits(split.grad, whole.grad, "grad")
+    if reduction == "none":
+        assert_same_bits(split.loss, whole.loss, "loss")
+    else:
+        assert split.loss == pytest.approx(float(whole.loss), rel=1e-6)
+    # the premise: the two engines do differ (else this test would prove nothing)
+    assert np.count_nonzero(cpu.grad != whole.grad) > 0

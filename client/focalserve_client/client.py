@@ -317,10 +317,13 @@ class FocalLossClient:
             for i, start in enumerate(starts):
                 stop = min(start + rows_per_chunk, rows)
                 g = grad_rows[start:stop] if grad_rows is not None else chunk_grad_output
-                yield build_request(logit_rows[start:stop], label_rows[start:stop], label_format=label_format,
-                                    alpha=alpha, gamma=gamma, normalizer=chunk_norm, reduction=chunk_reduction,
-                                    compute_grad=compute_grad, grad_output=g, backend=backend,
-                                    request_id=f"{request_id}#{i}")
+                chunk = build_request(logit_rows[start:stop], label_rows[start:stop], label_format=label_format,
+                                      alpha=alpha, gamma=gamma, normalizer=chunk_norm, reduction=chunk_reduction,
+                                      compute_grad=compute_grad, grad_output=g, backend=backend,
+                                      request_id=f"{request_id}#{i}")
+                # the server picks every chunk's engine by the whole batch's size: bit-identical results
+                chunk.batch_elements = logit.size
+                yield chunk
 
         loss_rows = np.empty((rows, width), out_dtype) if reduction == "none" else None
         grad_out = np.empty((rows, width), out_dtype) if compute_grad else None

@@ -70,6 +70,7 @@ class Job:
     backend: int
     num_classes: int = 0
     positives: float | None = None  # known up front for class-index labels; counted by the backend otherwise
+    batch_elements: int = 0  # the whole batch's size when this job is one of its chunks (ComputeRequest field 12)
 
     @property
     def elements(self) -> int:
@@ -78,6 +79,11 @@ class Job:
     @property
     def dtype(self) -> np.dtype:
         return self.logit.dtype
+
+    @property
+    def engine_elements(self) -> int:
+        """The size BACKEND_AUTO chooses the engine by: the whole batch's, for every chunk of a split one."""
+        return max(self.elements, self.batch_elements)
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,10 @@ def parse(request: pb.ComputeRequest, limits: Limits = Limits(), payloads: dict 
             ("logit", f"{logit.size} elements exceed this server's limit of {limits.max_elements} per request "
                       "(--max-elements); split the batch (the Python client does it by itself)"),
         )
+    if request.batch_elements < 0 or 0 < request.batch_elements < logit.size:
+        raise RequestError.invalid("batch_elements", "must be 0 (the request is the whole batch) or the element count "
+                                                     f"of the batch it is a chunk of, at least its own {logit.size}; "
+                                                     f"got {request.batch_elements}")
     if logit.dtype == np.float16:
         logit = logit.astype(np.float32)  # SPEC §2: float16 is computed (and returned) in float32
 
@@ -175,6 +185,7 @@ def parse(request: pb.ComputeRequest, limits: Limits = Limits(), payloads: dict 
         backend=request.backend,
         num_classes=num_classes,
         positives=positives,
+        batch_elements=request.batch_elements,
     )
 
 
