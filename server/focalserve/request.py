@@ -175,8 +175,10 @@ def parse(request: pb.ComputeRequest, limits: Limits = Limits(), payloads: dict 
         label_format=label_format,
         alpha=float(alpha),
         # q^γ is already 0 for every q < 1 representable in float64 at γ = 1e30; beyond it the factor γ
-        # itself would overflow float32 (inf · 0 = NaN), so larger γ computes as 1e30, with the same result
-        gamma=min(float(gamma), MAX_EFFECTIVE_GAMMA),
+        # itself would overflow float32 (inf · 0 = NaN), so larger γ computes as 1e30, with the same result.
+        # γ as the compute dtype holds it, in every engine: the float32 ones cannot use another, and q^γ
+        # would carry γ's rounding (|ln q|·γ·2^-24 relative, tens of ulps) into one engine and not another.
+        gamma=float(logit.dtype.type(min(float(gamma), MAX_EFFECTIVE_GAMMA))),
         normalizer=normalizer,
         reduction=reduction,
         compute_grad=request.compute_grad,
