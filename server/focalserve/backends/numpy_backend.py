@@ -209,7 +209,9 @@ class NumpyBackend:
     """The CPU backend. Computes with the compiled kernel (focal_loss_cpu.cpp) when `kernel` is given,
     else with the fused ufunc pipeline above; `threads` > 1 splits a large request's blocks over a pool."""
 
-    name = "numpy"
+    # what responses, GetServerInfo and metric labels call it: the --backend flag's and BACKEND_CPU's name,
+    # whichever engine computes (the device string says which)
+    name = "cpu"
 
     def __init__(self, threads: int = 1, block_elements: int | None = None,
                  allow_nonfinite: bool = False, kernel: CpuKernel | None = None):
