@@ -23,6 +23,7 @@ DEFAULT_ALPHA = 0.25
 MAX_EFFECTIVE_GAMMA = 1e30
 DEFAULT_GAMMA = 2.0
 IGNORE_LABEL = -100
+MAX_CLASSES = 2**31 - 1  # class-index C: labels 1..C must be int32
 
 LOGIT_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
 FLOAT_DTYPES = LOGIT_DTYPES
@@ -142,6 +143,11 @@ def parse(request: pb.ComputeRequest, limits: Limits = Limits(), payloads: dict 
             raise RequestError.invalid(
                 "logit.shape", f"must be [N, C] for the class-index form, got {list(logit.shape)}")
         rows, num_classes = logit.shape
+        if num_classes > MAX_CLASSES:
+            # the GPU kernel takes C as an int and class labels as int32: refused here for every engine (even
+            # with no rows), rather than failing inside one of them (INTERNAL) or answering on another
+            raise RequestError.invalid("logit.shape", f"C = {num_classes} classes is more than the {MAX_CLASSES} "
+                                                      "(2^31 - 1) the class-index form allows")
         label = _tensor(request.label, "label", CLASS_INDEX_LABEL_DTYPES, payloads)
         if label.shape != (rows, 1):
             raise RequestError.invalid("label.shape", f"must be [{rows}, 1] (logit is [N, C]), got {list(label.shape)}")
