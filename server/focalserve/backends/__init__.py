@@ -1,4 +1,5 @@
-"""Compute backends: NumPy on the CPU (always), CuPy on a GPU (where one is usable), and the choice per request."""
+"""Compute backends: `cpu` (always: the compiled kernel, or NumPy ufuncs where it is not built), `cupy` on a
+GPU (where one is usable), and the choice per request."""
 
 from __future__ import annotations
 

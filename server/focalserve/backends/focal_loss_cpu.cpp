@@ -335,7 +335,8 @@ unsigned focal_dense_span(const T* logit, const L* label, long long begin, long 
 
 // Rows [row_begin, row_end) of a class-index request (labels checked by the caller): row i's one-hot
 // label, or -100 everywhere for an ignored row (label -1), is written a chunk at a time into a small
-// buffer, never for the whole batch, and the dense loop does the rest. Blocks are `block_rows` rows.
+// buffer, never for the whole batch, and the dense loop does the rest. Blocks are `block_rows` rows; a
+// block's chunks are its elements kChunk at a time, across row ends, so that only its last one is padded.
 template <typename T, Power P>
 unsigned focal_class_index_span(const T* logit, const int32_t* label, long long row_begin, long long row_end,
                                 long long classes, long long block_rows, const Params& c, double* sums) {
@@ -346,27 +347,21 @@ unsigned focal_class_index_span(const T* logit, const int32_t* label, long long 
     long long positives = 0;  // not reported: the caller counts them from the labels
     for (long long r0 = row_begin; r0 < row_end; r0 += block_rows) {
         const long long r1 = r0 + block_rows < row_end ? r0 + block_rows : row_end;
+        const long long end = r1 * classes;
         double block_loss = 0.0;
-        for (long long row = r0; row < r1;) {
-            // whole rows per chunk where they fit, else one row in pieces of kChunk columns
-            const long long rows_in = classes > kChunk ? 1 : (kChunk / classes < r1 - row ? kChunk / classes : r1 - row);
-            const long long width = rows_in * classes;
-            for (long long col0 = 0; col0 < width; col0 += kChunk) {
-                const long long n = width - col0 < kChunk ? width - col0 : kChunk;
-                for (long long k = 0; k < rows_in; ++k) {
-                    const int32_t lab = load(label + row + k);
-                    const long long first = k * classes - col0;   // this row's column 0 in the chunk
-                    const long long lo = first > 0 ? first : 0;
-                    const long long hi = first + classes < n ? first + classes : n;
-                    const float fill = lab == -1 ? static_cast<float>(kIgnoreLabel) : 0.0f;
-                    for (long long j = lo; j < hi; ++j) onehot[j] = fill;
-                    if (lab >= 1 && first + lab - 1 >= 0 && first + lab - 1 < n) onehot[first + lab - 1] = 1.0f;
-                }
-                const long long start = row * classes + col0;
-                block_loss += focal_chunk_through<T, float, P>(logit + start, onehot, start, n, c, loss, grad, flags,
-                                                               positives);
+        for (long long start = r0 * classes; start < end; start += kChunk) {
+            const long long n = end - start < kChunk ? end - start : kChunk;
+            for (long long row = start / classes; row * classes < start + n; ++row) {
+                const int32_t lab = load(label + row);
+                const long long first = row * classes - start;  // this row's column 0 in the chunk (maybe < 0)
+                const long long lo = first > 0 ? first : 0;
+                const long long hi = first + classes < n ? first + classes : n;
+                const float fill = lab == -1 ? static_cast<float>(kIgnoreLabel) : 0.0f;
+                for (long long j = lo; j < hi; ++j) onehot[j] = fill;
+                if (lab >= 1 && first + lab - 1 >= 0 && first + lab - 1 < n) onehot[first + lab - 1] = 1.0f;
             }
-            row += rows_in;
+            block_loss += focal_chunk_through<T, float, P>(logit + start, onehot, start, n, c, loss, grad, flags,
+                                                           positives);
         }
         sums[2 * (r0 / block_rows)] = block_loss;
         sums[2 * (r0 / block_rows) + 1] = 0.0;
