@@ -12,6 +12,8 @@ kernel (focal_loss.cu) built as C++ and run on the CPU with glibc's expf/log1pf.
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +40,9 @@ def main(argv: list[str]) -> int:
     if kernel is None:
         print(f"the compiled kernel is not built: {why_not}", file=sys.stderr)
         return 1
-    gpu_kernel = compile_on_cpu(Path(tempfile.mkdtemp(prefix="focal-cu-")))
+    directory = tempfile.mkdtemp(prefix="focal-cu-")
+    atexit.register(shutil.rmtree, directory, True)
+    gpu_kernel = compile_on_cpu(Path(directory))
     engines = {"compiled": NumpyBackend(kernel=kernel).run, "ufunc": NumpyBackend().run,
                "GPU kernel on CPU": lambda job: _result(run_on_cpu(gpu_kernel, job))}
     rng = np.random.default_rng(args.seed)

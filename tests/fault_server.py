@@ -74,11 +74,15 @@ class GpuKernelOnCpu:
     name = "cupy"
 
     def __init__(self) -> None:
+        import atexit
+        import shutil
         import tempfile
         from pathlib import Path
 
         from test_cuda_kernel import compile_on_cpu  # tests/ is this script's directory
-        self._library = compile_on_cpu(Path(tempfile.mkdtemp(prefix="focal-cu-")))
+        directory = tempfile.mkdtemp(prefix="focal-cu-")
+        atexit.register(shutil.rmtree, directory, True)
+        self._library = compile_on_cpu(Path(directory))
 
     def devices(self) -> list[str]:
         return ["cuda:0 focal_loss.cu run on the CPU (test double)"]
