@@ -25,8 +25,8 @@ from focalserve_client.tensor import encode
 REPO = Path(__file__).resolve().parents[1]
 # FOCALSERVE_TEST_BACKEND=gpu runs every server of the suite with --backend gpu (on a machine with a GPU).
 TEST_BACKEND = os.environ.get("FOCALSERVE_TEST_BACKEND", "cpu")
-EXPECTED_BACKEND = "cupy" if TEST_BACKEND == "gpu" else "numpy"
-BACKENDS = ["numpy", "cupy"] if TEST_BACKEND == "gpu" else ["numpy"]
+EXPECTED_BACKEND = "cupy" if TEST_BACKEND == "gpu" else "cpu"
+BACKENDS = ["cpu", "cupy"] if TEST_BACKEND == "gpu" else ["cpu"]
 GOLDEN_DIR = Path(os.environ.get("FOCALSERVE_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
 
 

@@ -12,6 +12,9 @@ The server's own code has no test hooks: this script patches it from the outside
 - gpu-oom: the server gets a GPU backend (named "cupy", like the real one) whose every run raises
   BackendOutOfMemory, as the CuPy backend does on cupy.cuda.memory.OutOfMemoryError. Its first run, the
   server's warm-up batch, is computed by NumPy so that the server can start.
+- gpu-on-cpu: the server gets a GPU backend (named "cupy") that runs the GPU kernel itself, focal_loss.cu,
+  compiled as C++ and launched on the CPU as tests/test_cuda_kernel.py does: the GPU engine's arithmetic
+  (float32 in float32), where no GPU is, for what depends on which engine runs a request.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import sys
 import time
 
 from focalserve import app
-from focalserve.backends import BackendOutOfMemory, NumpyBackend
+from focalserve.backends import BackendOutOfMemory, NumpyBackend, Result
 
 SLOW_SECONDS = 1.5
 
@@ -65,11 +68,45 @@ def inject_gpu_oom() -> None:
     app._load_gpu = lambda config: (FakeOomGpu(), "")
 
 
+class GpuKernelOnCpu:
+    """focal_loss.cu, built as C++ and run on the CPU, behind the GPU backend's interface."""
+
+    name = "cupy"
+
+    def __init__(self) -> None:
+        import atexit
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from test_cuda_kernel import compile_on_cpu  # tests/ is this script's directory
+        directory = tempfile.mkdtemp(prefix="focal-cu-")
+        atexit.register(shutil.rmtree, directory, True)
+        self._library = compile_on_cpu(Path(directory))
+
+    def devices(self) -> list[str]:
+        return ["cuda:0 focal_loss.cu run on the CPU (test double)"]
+
+    def memory(self) -> tuple[int, int]:
+        return 0, 1
+
+    def run(self, job):
+        from test_cuda_kernel import run_on_cpu
+        started = time.perf_counter()
+        loss, grad, loss_sum, positives = run_on_cpu(self._library, job)
+        return Result(loss=loss, grad=grad, elements=job.elements, positives=positives, loss_sum=loss_sum,
+                      compute_seconds=time.perf_counter() - started, backend=self.name)
+
+
+def inject_gpu_on_cpu() -> None:
+    app._load_gpu = lambda config: (GpuKernelOnCpu(), "")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--inject", choices=("boom", "gpu-oom"), required=True)
+    parser.add_argument("--inject", choices=("boom", "gpu-oom", "gpu-on-cpu"), required=True)
     ours, rest = parser.parse_known_args(argv)
-    {"boom": inject_boom, "gpu-oom": inject_gpu_oom}[ours.inject]()
+    {"boom": inject_boom, "gpu-oom": inject_gpu_oom, "gpu-on-cpu": inject_gpu_on_cpu}[ours.inject]()
     return app.main(rest)
 
 

@@ -17,12 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_golden_close, golden_cases, golden_request, load_golden
+from conftest import assert_golden_close, free_port, golden_cases, golden_request, load_golden, start_server
 from focalserve import request as rq
 from focalserve.backends import NumpyBackend, cpu_kernel
 from focalserve.backends.numpy_backend import BLOCK_ELEMENTS_COMPILED
 from focalserve.errors import RequestError
+from focalserve_client import FocalLossClient
 from focalserve_client.client import build_request
+from test_operations import _sample, scrape
 
 SOURCE = cpu_kernel.LIBRARY_SOURCE
 CHUNK = 512  # kChunk in the .cpp: sizes around it cross the vector loop's chunk boundary
@@ -298,3 +300,29 @@ def test_float64_labels_count_as_their_float32_value_with_float32_logits(kernel)
     np.testing.assert_allclose(got.loss, want.loss, rtol=2e-6)
     np.testing.assert_allclose(got.grad, want.grad, rtol=2e-6)
     assert got.positives == want.positives == 2  # 0.5000000001 is 0.5 in float32: not positive
+
+
+# ---- one name for the CPU backend (issue 15.7) ----
+
+@pytest.mark.parametrize("engine, device", [("compiled", "compiled kernel"), ("ufunc", "NumPy ufuncs")])
+def test_the_cpu_backend_is_called_cpu_whichever_engine_computes(tmp_path, engine, device):
+    """--backend cpu, BACKEND_CPU, responses, GetServerInfo and metric labels: one name, `cpu`; the device
+    string says which engine computes."""
+    metrics_port = free_port()
+    srv = start_server(tmp_path, "--backend", "cpu", "--cpu-kernel", engine, "--workers", "1",
+                       "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1")
+    try:
+        with FocalLossClient(srv.target) as client:
+            info = client.server_info()
+            answers = [client.compute(np.array([0.5, -2.0], np.float32), np.array([1.0, 0.0], np.float32),
+                                      backend=backend, compute_grad=True) for backend in ("cpu", "auto")]
+        assert list(info.backends) == ["cpu"] and info.default_backend == "cpu"
+        assert len(info.devices) == 1 and info.devices[0].startswith("cpu (") and device in info.devices[0]
+        assert [a.backend for a in answers] == ["cpu", "cpu"]
+        samples = scrape(metrics_port)
+        assert _sample(samples, "focalloss_elements_total", backend="cpu") == 4
+        assert _sample(samples, "focalloss_compute_seconds_count", backend="cpu") == 2
+        assert _sample(samples, "focalloss_build_info", backend="cpu") == 1
+        assert not [key for key in samples if 'backend="numpy"' in key]
+    finally:
+        assert srv.stop() == 0, srv.log()[-3000:]

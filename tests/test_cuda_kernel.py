@@ -68,17 +68,22 @@ def _nvrtc_compile(nvrtc, arch: str) -> str:
 
 # ---- 2. its arithmetic, on the CPU ----
 
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
+def compile_on_cpu(directory: Path) -> ctypes.CDLL:
+    """focal_loss.cu built as C++ with the CPU launcher (skips where there is no g++)."""
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ is needed to compile focal_loss.cu as C++ for the CPU check")
-    lib = tmp_path_factory.mktemp("cuda") / "focal_loss_cpu.so"
+    lib = directory / "focal_loss_cpu.so"
     out = subprocess.run([gxx, "-O2", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
                           f"-I{SHIM_DIR}", f'-DFOCAL_LOSS_CU="{cuda_kernel.SOURCE}"',
                           str(SHIM_DIR / "launch_on_cpu.cpp"), "-o", str(lib)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    return compile_on_cpu(tmp_path_factory.mktemp("cuda"))
 
 
 def _pointer(array: np.ndarray | None):

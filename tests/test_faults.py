@@ -367,7 +367,7 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu(tmp_path):
         with grpc.insecure_channel(srv.target) as channel:
             stub = pb_grpc.FocalLossServiceStub(channel)
             info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
-            assert list(info.backends) == ["numpy", "cupy"] and info.default_backend == "cupy", info
+            assert list(info.backends) == ["cpu", "cupy"] and info.default_backend == "cupy", info
             base = dict(reduction="none", compute_grad=True, alpha=0.3, gamma=1.5)
             on_cpu = stub.Compute(_request(5000, seed=7, backend="cpu", **base), timeout=10)
             answers = [stub.Compute(_request(5000, seed=7, backend=backend, request_id=f"oom-{backend}", **base),
@@ -377,13 +377,13 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu(tmp_path):
                 if m.WhichOneof("kind") == "result"]
         for answer in answers + streamed:
             assert not answer.HasField("error"), answer.error
-            assert answer.backend == "numpy"
+            assert answer.backend == "cpu"
             assert answer.loss.data == on_cpu.loss.data and answer.grad.data == on_cpu.grad.data
         metrics = scrape(metrics_port)
         assert _sample(metrics, "focalloss_gpu_fallbacks_total") == len(answers) + len(streamed)
         assert _sample(metrics, "focalloss_gpu_memory_bytes", kind="total") == 1
         computed = 5000 * (1 + len(answers) + len(streamed))
-        assert _sample(metrics, "focalloss_elements_total", backend="numpy") == computed
+        assert _sample(metrics, "focalloss_elements_total", backend="cpu") == computed
         assert _sample(metrics, "focalloss_elements_total", backend="cupy") == 0
         log = srv.log()
         for rid in ("oom-auto", "oom-gpu", "oom-stream-0"):

@@ -331,7 +331,7 @@ def check_answer(request: pb.ComputeRequest, response: pb.ComputeResponse) -> No
     """An OK answer: shapes, dtypes, id, sign, ignored elements, finiteness where the exact value fits."""
     assert response.request_id == request.request_id
     assert not response.HasField("error")
-    assert response.backend == ("numpy" if request.backend == 1 else "cupy" if request.backend == 2
+    assert response.backend == ("cpu" if request.backend == 1 else "cupy" if request.backend == 2
                                 else EXPECTED_BACKEND)
     dtype = compute_dtype(request.logit.dtype)
     shape = list(request.logit.shape)

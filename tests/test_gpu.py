@@ -91,7 +91,7 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu(gpu):
         result = backends.run(job)
     finally:
         pool.set_limit(size=0)
-    assert result.backend == "numpy" and fallbacks == [1]
+    assert result.backend == "cpu" and fallbacks == [1]
     assert backends.run(job).backend == "cupy"  # and the GPU serves again once memory is there
 
 

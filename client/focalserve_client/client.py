@@ -275,7 +275,8 @@ class _Request:
         return max(request, response) + MESSAGE_OVERHEAD
 
     def encode(self, request_id: str | None = None, rows: slice | None = None, *, width: int = 1,
-               normalizer: float | None = None, reduction: int | None = None, grad_output=None) -> bytes:
+               normalizer: float | None = None, reduction: int | None = None, grad_output=None,
+               batch_elements: int = 0) -> bytes:
         """The request's wire bytes; `rows` of the row view (width elements a row) for a chunk."""
         logit, grad_output = self.logit_wire, self.grad_output if grad_output is None else grad_output
         if rows is None:
@@ -291,7 +292,7 @@ class _Request:
             label_format=self.label_format, alpha=self.alpha, gamma=self.gamma,
             normalizer=self.normalizer if normalizer is None else normalizer,
             reduction=self.reduction if reduction is None else reduction, compute_grad=self.compute_grad,
-            grad_output=grad_output, backend=self.backend)
+            grad_output=grad_output, backend=self.backend, batch_elements=batch_elements)
 
 
 def _optional_float(value) -> float | None:
@@ -393,8 +394,11 @@ class _Plan:
             g = self.chunk_grad_output
             if self.grad_rows is not None:
                 g = (self.grad_rows[0], self.grad_rows[1][rows])
+            # batch_elements: the server picks every chunk's engine by the whole batch's size, so the chunks'
+            # results are bit-identical to the whole batch's
             yield self.request.encode(f"{self.request.request_id}#{i}", rows, width=self.width,
-                                      normalizer=self.chunk_norm, reduction=self.chunk_reduction, grad_output=g)
+                                      normalizer=self.chunk_norm, reduction=self.chunk_reduction, grad_output=g,
+                                      batch_elements=self.size)
 
     def add(self, part: ComputeResult) -> bool:
         """Takes the next answer; True once every chunk is answered."""

@@ -31,7 +31,7 @@ import numpy as np
 TENSOR_FIELDS = {2: "logit", 3: "label", 10: "grad_output"}
 RESPONSE_TENSOR_FIELDS = {2: "loss", 3: "grad"}
 TENSOR_DATA = 3
-# ComputeRequest has 11 fields; a Tensor 3, or 2 + one per dimension (at most 64) if its shape is not packed
+# ComputeRequest has 12 fields; a Tensor 3, or 2 + one per dimension (at most 64) if its shape is not packed
 MOST_FIELDS, MOST_TENSOR_FIELDS = 32, 80
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 # upb's limits (checked against protobuf's parser in tests/test_wire.py)
@@ -207,7 +207,8 @@ _DOUBLE = struct.Struct("<d")
 def encode_request(*, logit: tuple[int, np.ndarray], label: tuple[int, np.ndarray], request_id: str = "",
                    label_format: int = 0, alpha: float | None = None, gamma: float | None = None,
                    normalizer: float | None = None, reduction: int = 0, compute_grad: bool = False,
-                   grad_output: tuple[int, np.ndarray] | None = None, backend: int = 0) -> bytes:
+                   grad_output: tuple[int, np.ndarray] | None = None, backend: int = 0,
+                   batch_elements: int = 0) -> bytes:
     """A ComputeRequest's wire bytes, equal to protobuf's deterministic serialization of the message.
 
     Tensors are (wire dtype, C-contiguous little-endian array of that dtype) pairs (`tensor.wire_array`);
@@ -232,4 +233,6 @@ def encode_request(*, logit: tuple[int, np.ndarray], label: tuple[int, np.ndarra
         pieces += tensor_pieces(10, *grad_output)
     if backend:
         pieces += [b"\x58", varint(backend)]
+    if batch_elements:
+        pieces += [b"\x60", varint(batch_elements)]
     return b"".join(pieces)

@@ -19,9 +19,11 @@ _RPC = ("grpc_type", "grpc_service", "grpc_method")
 GRPC_STARTED = Counter("grpc_server_started_total", "RPCs started on the server.", _RPC)
 GRPC_HANDLED = Counter("grpc_server_handled_total", "RPCs completed on the server, by status code.",
                        _RPC + ("grpc_code",))
+# timed by the interceptor from when the handler starts: for a unary call the request has then been received
+# and parsed whole, so the upload is not counted (as in go-grpc-prometheus, which also starts at the handler)
 GRPC_HANDLING_SECONDS = Histogram("grpc_server_handling_seconds",
-                                  "Time from the start of an RPC to its status, in seconds.", _RPC,
-                                  buckets=LATENCY_BUCKETS)
+                                  "Time from the start of the handler (for a unary call, once its request is "
+                                  "received) to the call's status, in seconds.", _RPC, buckets=LATENCY_BUCKETS)
 GRPC_MSG_RECEIVED = Counter("grpc_server_msg_received_total", "Messages received from clients.", _RPC)
 GRPC_MSG_SENT = Counter("grpc_server_msg_sent_total", "Messages sent to clients.", _RPC)
 

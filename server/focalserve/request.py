@@ -23,6 +23,7 @@ DEFAULT_ALPHA = 0.25
 MAX_EFFECTIVE_GAMMA = 1e30
 DEFAULT_GAMMA = 2.0
 IGNORE_LABEL = -100
+MAX_CLASSES = 2**31 - 1  # class-index C: labels 1..C must be int32
 
 LOGIT_DTYPES = (pb.DTYPE_FLOAT32, pb.DTYPE_FLOAT64, pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16)
 FLOAT_DTYPES = LOGIT_DTYPES
@@ -70,6 +71,7 @@ class Job:
     backend: int
     num_classes: int = 0
     positives: float | None = None  # known up front for class-index labels; counted by the backend otherwise
+    batch_elements: int = 0  # the whole batch's size when this job is one of its chunks (ComputeRequest field 12)
 
     @property
     def elements(self) -> int:
@@ -78,6 +80,11 @@ class Job:
     @property
     def dtype(self) -> np.dtype:
         return self.logit.dtype
+
+    @property
+    def engine_elements(self) -> int:
+        """The size BACKEND_AUTO chooses the engine by: the whole batch's, for every chunk of a split one."""
+        return max(self.elements, self.batch_elements)
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,10 @@ def parse(request: pb.ComputeRequest, limits: Limits = Limits(), payloads: dict 
             ("logit", f"{logit.size} elements exceed this server's limit of {limits.max_elements} per request "
                       "(--max-elements); split the batch (the Python client does it by itself)"),
         )
+    if request.batch_elements < 0 or 0 < request.batch_elements < logit.size:
+        raise RequestError.invalid("batch_elements", "must be 0 (the request is the whole batch) or the element count "
+                                                     f"of the batch it is a chunk of, at least its own {logit.size}; "
+                                                     f"got {request.batch_elements}")
     if logit.dtype == np.float16:
         logit = logit.astype(np.float32)  # SPEC §2: float16 is computed (and returned) in float32
 
@@ -132,6 +143,11 @@ def parse(request: pb.ComputeRequest, limits: Limits = Limits(), payloads: dict 
             raise RequestError.invalid(
                 "logit.shape", f"must be [N, C] for the class-index form, got {list(logit.shape)}")
         rows, num_classes = logit.shape
+        if num_classes > MAX_CLASSES:
+            # the GPU kernel takes C as an int and class labels as int32: refused here for every engine (even
+            # with no rows), rather than failing inside one of them (INTERNAL) or answering on another
+            raise RequestError.invalid("logit.shape", f"C = {num_classes} classes is more than the {MAX_CLASSES} "
+                                                      "(2^31 - 1) the class-index form allows")
         label = _tensor(request.label, "label", CLASS_INDEX_LABEL_DTYPES, payloads)
         if label.shape != (rows, 1):
             raise RequestError.invalid("label.shape", f"must be [{rows}, 1] (logit is [N, C]), got {list(label.shape)}")
@@ -165,8 +181,10 @@ def parse(request: pb.ComputeRequest, limits: Limits = Limits(), payloads: dict 
         label_format=label_format,
         alpha=float(alpha),
         # q^γ is already 0 for every q < 1 representable in float64 at γ = 1e30; beyond it the factor γ
-        # itself would overflow float32 (inf · 0 = NaN), so larger γ computes as 1e30, with the same result
-        gamma=min(float(gamma), MAX_EFFECTIVE_GAMMA),
+        # itself would overflow float32 (inf · 0 = NaN), so larger γ computes as 1e30, with the same result.
+        # γ as the compute dtype holds it, in every engine: the float32 ones cannot use another, and q^γ
+        # would carry γ's rounding (|ln q|·γ·2^-24 relative, tens of ulps) into one engine and not another.
+        gamma=float(logit.dtype.type(min(float(gamma), MAX_EFFECTIVE_GAMMA))),
         normalizer=normalizer,
         reduction=reduction,
         compute_grad=request.compute_grad,
@@ -175,6 +193,7 @@ def parse(request: pb.ComputeRequest, limits: Limits = Limits(), payloads: dict 
         backend=request.backend,
         num_classes=num_classes,
         positives=positives,
+        batch_elements=request.batch_elements,
     )
 
 

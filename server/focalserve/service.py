@@ -1,7 +1,10 @@
-"""The FocalLossService servicer: thin. A request goes bytes -> request.parse -> backend.run -> tensor.encode.
+"""The FocalLossService servicer: thin. A request goes bytes -> request.parse -> backend.run -> response bytes.
 
-The per-request work runs in a thread pool (NumPy and CuPy release the GIL), so the asyncio loop only
-moves messages. ComputeStream keeps several items in flight and answers them in request order.
+Requests up to INLINE_BYTES are computed right on the event loop (the hop to a thread costs more than
+their work); larger ones in the thread pool (the compiled kernel, NumPy and CuPy release the GIL), so the
+loop only moves their messages. Responses are serialized here, with each tensor's bytes copied once (a
+stream item framed as its ComputeStreamResponse in the same join). ComputeStream keeps several items in
+flight and answers them in request order.
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
 
     # ---- the work of one request, on a pool thread ----
 
-    def compute(self, received: Received, deadline: float | None = None) -> "Answer":
+    def compute(self, received: Received, deadline: float | None = None, framed: bool = False) -> "Answer":
         """The serialized ComputeResponse and its stats. Raises RequestError for a request the service
-        refuses. `deadline`: time.monotonic() after which the caller has given up: the work is not started."""
+        refuses. `deadline`: time.monotonic() after which the caller has given up: the work is not started.
+        `framed`: serialized as a ComputeStreamResponse whose `result` it is (for a stream item)."""
         request = received.message
         if request is None:
             raise RequestError.invalid("request", f"is not a valid focalloss.v1.ComputeRequest ({received.error})")
@@ -80,17 +84,21 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
         pieces = [head.SerializeToString(), *tensor_field(2, result.loss)]
         if result.grad is not None:
             pieces += tensor_field(3, result.grad)
+        if framed:  # in the same join: framing the joined bytes afterwards copied the whole response again
+            pieces.insert(0, _stream_result_key(sum(map(len, pieces))))
         return Answer(b"".join(pieces), stats)
 
     def _compute_item(self, request: Received, deadline: float | None) -> "Answer":
-        """A stream item: failures become the item's `error`, never the stream's end."""
+        """A stream item, as its serialized ComputeStreamResponse: failures become the item's `error`,
+        never the stream's end."""
         try:
-            return self.compute(request, deadline)
+            return self.compute(request, deadline, framed=True)
         except RequestError as e:
             error = e.to_status_proto()
         except Exception:
             error = internal_status(_log_internal(request.request_id))
-        return Answer(pb.ComputeResponse(request_id=request.request_id, error=error).SerializeToString(), None)
+        failed = pb.ComputeResponse(request_id=request.request_id, error=error).SerializeToString()
+        return Answer(_stream_result_key(len(failed)) + failed, None)
 
     async def _submit(self, request: Received, deadline: float | None, item: bool = False) -> "Answer":
         """Small requests are computed right here on the event loop (well under a millisecond): the hop
@@ -144,8 +152,7 @@ class FocalLossServicer(pb_grpc.FocalLossServiceServicer):
                 pending, size = item
                 answer = await pending
                 _add_to_summary(summary, answer.stats)
-                # ComputeStreamResponse{result: <the ComputeResponse bytes>}, without parsing them again
-                yield length_delimited(1, len(answer.response)) + answer.response
+                yield answer.response  # a ComputeStreamResponse already (_compute_item)
                 held -= size
                 room.set()
             await reader  # a broken request stream ends the call with its error
@@ -222,7 +229,8 @@ def read_request(data: bytes, in_place: bool) -> Received:
 
 
 class Answer(NamedTuple):
-    """A serialized ComputeResponse, and its stats (None for a failed stream item)."""
+    """A serialized ComputeResponse (a ComputeStreamResponse around it for a stream item), and its stats
+    (None for a failed stream item)."""
 
     response: bytes
     stats: pb.ItemStats | None
@@ -246,6 +254,11 @@ def add_to_server(servicer: "FocalLossServicer", server) -> None:
     }
     service = pb.DESCRIPTOR.services_by_name["FocalLossService"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+
+
+def _stream_result_key(length: int) -> bytes:
+    """What turns a serialized ComputeResponse of `length` bytes into a ComputeStreamResponse{result: ...}."""
+    return length_delimited(1, length)
 
 
 def _add_to_summary(summary: pb.StreamSummary, stats: pb.ItemStats | None) -> None:

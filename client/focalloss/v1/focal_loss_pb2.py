@@ -15,7 +15,7 @@ _sym_db = _symbol_database.Default()
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66ocalloss/v1/focal_loss.proto\x12\x0c\x66ocalloss.v1\x1a\x17google/rpc/status.proto\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.focalloss.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x98\x03\n\x0e\x43omputeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05logit\x18\x02 \x01(\x0b\x32\x14.focalloss.v1.Tensor\x12#\n\x05label\x18\x03 \x01(\x0b\x32\x14.focalloss.v1.Tensor\x12/\n\x0clabel_format\x18\x04 \x01(\x0e\x32\x19.focalloss.v1.LabelFormat\x12\x12\n\x05\x61lpha\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05gamma\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nnormalizer\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12*\n\treduction\x18\x08 \x01(\x0e\x32\x17.focalloss.v1.Reduction\x12\x14\n\x0c\x63ompute_grad\x18\t \x01(\x08\x12)\n\x0bgrad_output\x18\n \x01(\x0b\x32\x14.focalloss.v1.Tensor\x12&\n\x07\x62\x61\x63kend\x18\x0b \x01(\x0e\x32\x15.focalloss.v1.BackendB\x08\n\x06_alphaB\x08\n\x06_gammaB\r\n\x0b_normalizer\"\xc9\x01\n\x0f\x43omputeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x04loss\x18\x02 \x01(\x0b\x32\x14.focalloss.v1.Tensor\x12\"\n\x04grad\x18\x03 \x01(\x0b\x32\x14.focalloss.v1.Tensor\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\x12&\n\x05stats\x18\x06 \x01(\x0b\x32\x17.focalloss.v1.ItemStats\"[\n\tItemStats\x12\x10\n\x08\x65lements\x18\x01 \x01(\x03\x12\x11\n\tpositives\x18\x02 \x01(\x01\x12\x10\n\x08loss_sum\x18\x03 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\"\x84\x01\n\rStreamSummary\x12\r\n\x05items\x18\x01 \x01(\x03\x12\x14\n\x0c\x66\x61iled_items\x18\x02 \x01(\x03\x12\x10\n\x08\x65lements\x18\x03 \x01(\x03\x12\x11\n\tpositives\x18\x04 \x01(\x01\x12\x10\n\x08loss_sum\x18\x05 \x01(\x01\x12\x17\n\x0fnormalized_loss\x18\x06 \x01(\x01\"\x80\x01\n\x15\x43omputeStreamResponse\x12/\n\x06result\x18\x01 \x01(\x0b\x32\x1d.focalloss.v1.ComputeResponseH\x00\x12.\n\x07summary\x18\x02 \x01(\x0b\x32\x1b.focalloss.v1.StreamSummaryH\x00\x42\x06\n\x04kind\"\x16\n\x14GetServerInfoRequest\"\xc0\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61\x63kends\x18\x02 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_backend\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x04 \x03(\t\x12)\n\x0clogit_dtypes\x18\x05 \x03(\x0e\x32\x13.focalloss.v1.DType\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\x12\x14\n\x0cmax_elements\x18\x07 \x01(\x03*\xae\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_INT64\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07\x12\x0e\n\nDTYPE_BOOL\x10\x08*a\n\x0bLabelFormat\x12\x1c\n\x18LABEL_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12LABEL_FORMAT_DENSE\x10\x01\x12\x1c\n\x18LABEL_FORMAT_CLASS_INDEX\x10\x02*a\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCTION_NONE\x10\x01\x12\x12\n\x0eREDUCTION_MEAN\x10\x02\x12\x11\n\rREDUCTION_SUM\x10\x03*=\n\x07\x42\x61\x63kend\x12\x10\n\x0c\x42\x41\x43KEND_AUTO\x10\x00\x12\x0f\n\x0b\x42\x41\x43KEND_CPU\x10\x01\x12\x0f\n\x0b\x42\x41\x43KEND_GPU\x10\x02\x32\x8c\x02\n\x10\x46ocalLossService\x12\x46\n\x07\x43ompute\x12\x1c.focalloss.v1.ComputeRequest\x1a\x1d.focalloss.v1.ComputeResponse\x12V\n\rComputeStream\x12\x1c.focalloss.v1.ComputeRequest\x1a#.focalloss.v1.ComputeStreamResponse(\x01\x30\x01\x12X\n\rGetServerInfo\x12\".focalloss.v1.GetServerInfoRequest\x1a#.focalloss.v1.GetServerInfoResponseBH\n\x1b\x63om.focalserve.focalloss.v1P\x01Z\'focalserve/gen/focalloss/v1;focallossv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66ocalloss/v1/focal_loss.proto\x12\x0c\x66ocalloss.v1\x1a\x17google/rpc/status.proto\"I\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.focalloss.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xb0\x03\n\x0e\x43omputeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05logit\x18\x02 \x01(\x0b\x32\x14.focalloss.v1.Tensor\x12#\n\x05label\x18\x03 \x01(\x0b\x32\x14.focalloss.v1.Tensor\x12/\n\x0clabel_format\x18\x04 \x01(\x0e\x32\x19.focalloss.v1.LabelFormat\x12\x12\n\x05\x61lpha\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05gamma\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nnormalizer\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12*\n\treduction\x18\x08 \x01(\x0e\x32\x17.focalloss.v1.Reduction\x12\x14\n\x0c\x63ompute_grad\x18\t \x01(\x08\x12)\n\x0bgrad_output\x18\n \x01(\x0b\x32\x14.focalloss.v1.Tensor\x12&\n\x07\x62\x61\x63kend\x18\x0b \x01(\x0e\x32\x15.focalloss.v1.Backend\x12\x16\n\x0e\x62\x61tch_elements\x18\x0c \x01(\x03\x42\x08\n\x06_alphaB\x08\n\x06_gammaB\r\n\x0b_normalizer\"\xc9\x01\n\x0f\x43omputeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x04loss\x18\x02 \x01(\x0b\x32\x14.focalloss.v1.Tensor\x12\"\n\x04grad\x18\x03 \x01(\x0b\x32\x14.focalloss.v1.Tensor\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\x12&\n\x05stats\x18\x06 \x01(\x0b\x32\x17.focalloss.v1.ItemStats\"[\n\tItemStats\x12\x10\n\x08\x65lements\x18\x01 \x01(\x03\x12\x11\n\tpositives\x18\x02 \x01(\x01\x12\x10\n\x08loss_sum\x18\x03 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\"\x84\x01\n\rStreamSummary\x12\r\n\x05items\x18\x01 \x01(\x03\x12\x14\n\x0c\x66\x61iled_items\x18\x02 \x01(\x03\x12\x10\n\x08\x65lements\x18\x03 \x01(\x03\x12\x11\n\tpositives\x18\x04 \x01(\x01\x12\x10\n\x08loss_sum\x18\x05 \x01(\x01\x12\x17\n\x0fnormalized_loss\x18\x06 \x01(\x01\"\x80\x01\n\x15\x43omputeStreamResponse\x12/\n\x06result\x18\x01 \x01(\x0b\x32\x1d.focalloss.v1.ComputeResponseH\x00\x12.\n\x07summary\x18\x02 \x01(\x0b\x32\x1b.focalloss.v1.StreamSummaryH\x00\x42\x06\n\x04kind\"\x16\n\x14GetServerInfoRequest\"\xc0\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61\x63kends\x18\x02 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_backend\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x04 \x03(\t\x12)\n\x0clogit_dtypes\x18\x05 \x03(\x0e\x32\x13.focalloss.v1.DType\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x03\x12\x14\n\x0cmax_elements\x18\x07 \x01(\x03*\xae\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_INT64\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07\x12\x0e\n\nDTYPE_BOOL\x10\x08*a\n\x0bLabelFormat\x12\x1c\n\x18LABEL_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12LABEL_FORMAT_DENSE\x10\x01\x12\x1c\n\x18LABEL_FORMAT_CLASS_INDEX\x10\x02*a\n\tReduction\x12\x19\n\x15REDUCTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eREDUCTION_NONE\x10\x01\x12\x12\n\x0eREDUCTION_MEAN\x10\x02\x12\x11\n\rREDUCTION_SUM\x10\x03*=\n\x07\x42\x61\x63kend\x12\x10\n\x0c\x42\x41\x43KEND_AUTO\x10\x00\x12\x0f\n\x0b\x42\x41\x43KEND_CPU\x10\x01\x12\x0f\n\x0b\x42\x41\x43KEND_GPU\x10\x02\x32\x8c\x02\n\x10\x46ocalLossService\x12\x46\n\x07\x43ompute\x12\x1c.focalloss.v1.ComputeRequest\x1a\x1d.focalloss.v1.ComputeResponse\x12V\n\rComputeStream\x12\x1c.focalloss.v1.ComputeRequest\x1a#.focalloss.v1.ComputeStreamResponse(\x01\x30\x01\x12X\n\rGetServerInfo\x12\".focalloss.v1.GetServerInfoRequest\x1a#.focalloss.v1.GetServerInfoResponseBH\n\x1b\x63om.focalserve.focalloss.v1P\x01Z\'focalserve/gen/focalloss/v1;focallossv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -23,30 +23,30 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'focalloss.v1.focal_loss_pb2
 if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['DESCRIPTOR']._options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\033com.focalserve.focalloss.v1P\001Z\'focalserve/gen/focalloss/v1;focallossv1'
-  _globals['_DTYPE']._serialized_start=1341
-  _globals['_DTYPE']._serialized_end=1515
-  _globals['_LABELFORMAT']._serialized_start=1517
-  _globals['_LABELFORMAT']._serialized_end=1614
-  _globals['_REDUCTION']._serialized_start=1616
-  _globals['_REDUCTION']._serialized_end=1713
-  _globals['_BACKEND']._serialized_start=1715
-  _globals['_BACKEND']._serialized_end=1776
+  _globals['_DTYPE']._serialized_start=1365
+  _globals['_DTYPE']._serialized_end=1539
+  _globals['_LABELFORMAT']._serialized_start=1541
+  _globals['_LABELFORMAT']._serialized_end=1638
+  _globals['_REDUCTION']._serialized_start=1640
+  _globals['_REDUCTION']._serialized_end=1737
+  _globals['_BACKEND']._serialized_start=1739
+  _globals['_BACKEND']._serialized_end=1800
   _globals['_TENSOR']._serialized_start=72
   _globals['_TENSOR']._serialized_end=145
   _globals['_COMPUTEREQUEST']._serialized_start=148
-  _globals['_COMPUTEREQUEST']._serialized_end=556
-  _globals['_COMPUTERESPONSE']._serialized_start=559
-  _globals['_COMPUTERESPONSE']._serialized_end=760
-  _globals['_ITEMSTATS']._serialized_start=762
-  _globals['_ITEMSTATS']._serialized_end=853
-  _globals['_STREAMSUMMARY']._serialized_start=856
-  _globals['_STREAMSUMMARY']._serialized_end=988
-  _globals['_COMPUTESTREAMRESPONSE']._serialized_start=991
-  _globals['_COMPUTESTREAMRESPONSE']._serialized_end=1119
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1121
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1143
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1146
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=1338
-  _globals['_FOCALLOSSSERVICE']._serialized_start=1779
-  _globals['_FOCALLOSSSERVICE']._serialized_end=2047
+  _globals['_COMPUTEREQUEST']._serialized_end=580
+  _globals['_COMPUTERESPONSE']._serialized_start=583
+  _globals['_COMPUTERESPONSE']._serialized_end=784
+  _globals['_ITEMSTATS']._serialized_start=786
+  _globals['_ITEMSTATS']._serialized_end=877
+  _globals['_STREAMSUMMARY']._serialized_start=880
+  _globals['_STREAMSUMMARY']._serialized_end=1012
+  _globals['_COMPUTESTREAMRESPONSE']._serialized_start=1015
+  _globals['_COMPUTESTREAMRESPONSE']._serialized_end=1143
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1145
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1167
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=1170
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=1362
+  _globals['_FOCALLOSSSERVICE']._serialized_start=1803
+  _globals['_FOCALLOSSSERVICE']._serialized_end=2071
 # @@protoc_insertion_point(module_scope)

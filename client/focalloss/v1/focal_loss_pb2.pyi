@@ -197,6 +197,7 @@ class ComputeRequest(_message.Message):
     COMPUTE_GRAD_FIELD_NUMBER: _builtins.int
     GRAD_OUTPUT_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
+    BATCH_ELEMENTS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Echoed in the response (and in the server's log lines); any string, may be empty."""
     label_format: Global___LabelFormat.ValueType
@@ -217,6 +218,13 @@ class ComputeRequest(_message.Message):
     """Also return the gradient of the (normalized, reduced) loss with respect to the logits."""
     backend: Global___Backend.ValueType
     """Where to compute; unspecified means the server's choice."""
+    batch_elements: _builtins.int
+    """The element count of the whole batch when this request is one chunk of a batch split
+    over several requests (the Python client sets it on every chunk). BACKEND_AUTO chooses the engine by
+    this size instead of the chunk's, so every chunk runs on the engine that the whole batch would, and the
+    chunks' results are bit-identical to the whole batch's. 0 (unset): the request is the whole batch;
+    otherwise it must be at least the logit's element count.
+    """
     @_builtins.property
     def logit(self) -> Global___Tensor:
         """The logits x: FLOAT32 or FLOAT64 (FLOAT16/BFLOAT16 computed in float32), rank >= 1; [N, C] for class-index labels."""
@@ -243,10 +251,11 @@ class ComputeRequest(_message.Message):
         compute_grad: _builtins.bool = ...,
         grad_output: Global___Tensor | None = ...,
         backend: Global___Backend.ValueType = ...,
+        batch_elements: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_gamma", b"_gamma", "_normalizer", b"_normalizer", "alpha", b"alpha", "gamma", b"gamma", "grad_output", b"grad_output", "label", b"label", "logit", b"logit", "normalizer", b"normalizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_gamma", b"_gamma", "_normalizer", b"_normalizer", "alpha", b"alpha", "backend", b"backend", "compute_grad", b"compute_grad", "gamma", b"gamma", "grad_output", b"grad_output", "label", b"label", "label_format", b"label_format", "logit", b"logit", "normalizer", b"normalizer", "reduction", b"reduction", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_gamma", b"_gamma", "_normalizer", b"_normalizer", "alpha", b"alpha", "backend", b"backend", "batch_elements", b"batch_elements", "compute_grad", b"compute_grad", "gamma", b"gamma", "grad_output", b"grad_output", "label", b"label", "label_format", b"label_format", "logit", b"logit", "normalizer", b"normalizer", "reduction", b"reduction", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
     _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
@@ -278,7 +287,9 @@ class ComputeResponse(_message.Message):
     request_id: _builtins.str
     """The request's request_id."""
     backend: _builtins.str
-    """What ran it: "numpy" or "cupy"."""
+    """What ran it: "cpu" (either CPU engine: the compiled kernel or NumPy ufuncs; GetServerInfo's devices
+    say which) or "cupy" (the GPU). Versions up to 0.1.0 called the CPU backend "numpy".
+    """
     @_builtins.property
     def loss(self) -> Global___Tensor:
         """In the logit's float dtype (float32 for float16/bfloat16 logits).

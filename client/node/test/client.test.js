@@ -74,7 +74,7 @@ test('the README example: loss 0.65782464 and its gradient', async (t) => {
   assert.equal(Number(r.loss[0].toPrecision(8)), 0.65782464);
   assert.ok(r.grad instanceof Float32Array);
   assert.deepEqual(r.gradShape, [2, 3]);
-  assert.equal(r.backend, 'numpy');
+  assert.equal(r.backend, 'cpu');
   assert.equal(r.stats.elements, 6);
   assert.equal(r.stats.positives, 2);
   const golden = CASES.find((c) => c.name === 'doc_example');
@@ -144,7 +144,7 @@ test('class-index labels from an Int32Array, float64, reduction none, no gradien
 test('serverInfo', async (t) => {
   if (!TARGET) return t.skip('FOCALSERVE_TARGET not set');
   const info = await getClient().serverInfo();
-  assert.ok(info.backends.includes('numpy'));
+  assert.ok(info.backends.includes('cpu'));
   assert.ok(info.logitDtypes.includes('DTYPE_FLOAT32'));
   assert.equal(typeof info.maxMessageBytes, 'number');
 });

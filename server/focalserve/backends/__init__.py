@@ -1,4 +1,5 @@
-"""Compute backends: NumPy on the CPU (always), CuPy on a GPU (where one is usable), and the choice per request."""
+"""Compute backends: `cpu` (always: the compiled kernel, or NumPy ufuncs where it is not built), `cupy` on a
+GPU (where one is usable), and the choice per request."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ class BackendSet:
 
     BACKEND_CPU / BACKEND_GPU in a request are obeyed (GPU without one: FAILED_PRECONDITION);
     BACKEND_AUTO follows the server's --backend, where `auto` sends a batch to the GPU when it has at
-    least `gpu_min_elements` elements (smaller ones do not pay for the transfer).
+    least `gpu_min_elements` elements (smaller ones do not pay for the transfer). A chunk of a split batch
+    is counted at the whole batch's size (`batch_elements`), so that all its chunks run on one engine:
+    the engines agree to a few ulps, not to the bit.
     """
 
     def __init__(self, cpu: Backend, gpu: Backend | None = None, default: str = "auto",
@@ -60,7 +63,7 @@ class BackendSet:
             return self.gpu
         if self.gpu is None or self.default == "cpu":
             return self.cpu
-        if self.default == "gpu" or job.elements >= self.gpu_min_elements:
+        if self.default == "gpu" or job.engine_elements >= self.gpu_min_elements:
             return self.gpu
         return self.cpu
 

@@ -128,7 +128,8 @@ def _to_host(device: cp.ndarray) -> np.ndarray:
 
 
 def load(allow_nonfinite: bool = False) -> tuple[CupyBackend | None, str]:
-    """The GPU backend if CuPy sees a usable device (kernels compiled, one tiny launch run), else None and why."""
+    """The GPU backend if CuPy sees a device and the kernels compile for it, else None and why. Nothing is
+    launched here: the server's warm-up (app.warm_up) runs the first batch before it reports SERVING."""
     try:
         if cp.cuda.runtime.getDeviceCount() < 1:
             return None, "CuPy sees no CUDA device"

@@ -26,6 +26,12 @@ constexpr unsigned kFlagNonfinite = 1;  // a NaN or infinite logit (reported whe
 constexpr unsigned kFlagBadLabel = 2;   // a dense label outside [0, 1] and not -100
 constexpr double kIgnoreLabel = -100.0;
 constexpr long long kChunk = 512;       // elements per pass of the vector loop: two double[512] stay in L1
+// focal_chunk runs over a multiple of this many elements (a partial chunk is padded), so that no element
+// ever goes through the compiler's scalar remainder loop: that loop contracts a*b+c into an FMA where the
+// vector body does not (or the reverse), and an element's result changed by an ulp with its position in
+// the request (issue 15.2). 64 covers the widest vectorisation factor (uint8 labels in 512-bit vectors).
+constexpr long long kLanes = 64;
+static_assert(kChunk % kLanes == 0, "a padded chunk must fit the chunk buffers");
 
 // Parameters shared by every entry point; mirrored by cpu_kernel.py's ctypes.Structure.
 struct Params {
@@ -193,8 +199,17 @@ inline void focal_chunk(const T* __restrict__ logit, const L* __restrict__ label
         weight *= focal_power<P>(q, c);
         double g = p_omy - omp_y;                                        // p - y
         if constexpr (P != Power::kZero) {
-            // p(1-p)/q, 0 where q == 0; for a 0/1 label q is σ(∓x) and the quotient is the other one, p_t
-            const double focus = Hard ? (y > 0.5 ? p : omp) : (p * omp) / (q + (q == 0.0 ? 1.0 : 0.0));
+            // p(1-p)/q, 0 where q == 0; for a 0/1 label q is σ(∓x) and the quotient is the other one, p_t,
+            // taken as it is for such a label in every chunk (the quotient can differ from p_t by an ulp, and
+            // whether a chunk is all hard depends on where the request's chunks start)
+            const double p_t = y > 0.5 ? p : omp;
+            double focus = p_t;
+            if constexpr (!Hard) {
+                // y(1-y) is 0 exactly for a 0/1 label; (y == 0) | (y == 1) here stopped GCC 12 vectorising the loop
+                const bool hard = y * omy == 0.0;
+                const double quotient = (p * omp) / (q + (q == 0.0 ? 1.0 : 0.0));
+                focus = hard ? p_t : quotient;
+            }
             g += ((focus * ce) * (omy - y)) * gamma;
         }
         loss[i] = weight * ce * keep;
@@ -271,10 +286,24 @@ inline double focal_chunk_through(const T* logit, const L* label, long long star
                                   double* loss, double* grad, unsigned& flags, long long& positives) {
     const ChunkLabels labels = chunk_labels<T>(label, n);
     flags |= (labels.bad ? kFlagBadLabel : 0u) | (c.check_finite && !chunk_finite(logit, n) ? kFlagNonfinite : 0u);
+    // A chunk whose length is not a multiple of kLanes is copied into buffers padded with (0, 0) elements,
+    // computed and dropped: one call site, so one loop, whose vector body computes every element.
+    alignas(64) T padded_logit[kChunk];
+    alignas(64) L padded_label[kChunk];
+    long long lanes = n;
+    if (n % kLanes != 0) {
+        lanes = (n + kLanes - 1) / kLanes * kLanes;
+        std::memcpy(padded_logit, logit, n * sizeof(T));
+        std::memcpy(padded_label, label, n * sizeof(L));
+        std::memset(padded_logit + n, 0, (lanes - n) * sizeof(T));
+        std::memset(padded_label + n, 0, (lanes - n) * sizeof(L));
+        logit = padded_logit;
+        label = padded_label;
+    }
     if (labels.hard) {
-        focal_chunk<T, L, P, true>(logit, label, n, c, loss, grad);
+        focal_chunk<T, L, P, true>(logit, label, lanes, c, loss, grad);
     } else {
-        focal_chunk<T, L, P, false>(logit, label, n, c, loss, grad);
+        focal_chunk<T, L, P, false>(logit, label, lanes, c, loss, grad);
     }
     positives += labels.positives;
     focal_store<T>(start, n, c, loss, grad);
@@ -306,7 +335,8 @@ unsigned focal_dense_span(const T* logit, const L* label, long long begin, long 
 
 // Rows [row_begin, row_end) of a class-index request (labels checked by the caller): row i's one-hot
 // label, or -100 everywhere for an ignored row (label -1), is written a chunk at a time into a small
-// buffer, never for the whole batch, and the dense loop does the rest. Blocks are `block_rows` rows.
+// buffer, never for the whole batch, and the dense loop does the rest. Blocks are `block_rows` rows; a
+// block's chunks are its elements kChunk at a time, across row ends, so that only its last one is padded.
 template <typename T, Power P>
 unsigned focal_class_index_span(const T* logit, const int32_t* label, long long row_begin, long long row_end,
                                 long long classes, long long block_rows, const Params& c, double* sums) {
@@ -317,27 +347,21 @@ unsigned focal_class_index_span(const T* logit, const int32_t* label, long long 
     long long positives = 0;  // not reported: the caller counts them from the labels
     for (long long r0 = row_begin; r0 < row_end; r0 += block_rows) {
         const long long r1 = r0 + block_rows < row_end ? r0 + block_rows : row_end;
+        const long long end = r1 * classes;
         double block_loss = 0.0;
-        for (long long row = r0; row < r1;) {
-            // whole rows per chunk where they fit, else one row in pieces of kChunk columns
-            const long long rows_in = classes > kChunk ? 1 : (kChunk / classes < r1 - row ? kChunk / classes : r1 - row);
-            const long long width = rows_in * classes;
-            for (long long col0 = 0; col0 < width; col0 += kChunk) {
-                const long long n = width - col0 < kChunk ? width - col0 : kChunk;
-                for (long long k = 0; k < rows_in; ++k) {
-                    const int32_t lab = load(label + row + k);
-                    const long long first = k * classes - col0;   // this row's column 0 in the chunk
-                    const long long lo = first > 0 ? first : 0;
-                    const long long hi = first + classes < n ? first + classes : n;
-                    const float fill = lab == -1 ? static_cast<float>(kIgnoreLabel) : 0.0f;
-                    for (long long j = lo; j < hi; ++j) onehot[j] = fill;
-                    if (lab >= 1 && first + lab - 1 >= 0 && first + lab - 1 < n) onehot[first + lab - 1] = 1.0f;
-                }
-                const long long start = row * classes + col0;
-                block_loss += focal_chunk_through<T, float, P>(logit + start, onehot, start, n, c, loss, grad, flags,
-                                                               positives);
+        for (long long start = r0 * classes; start < end; start += kChunk) {
+            const long long n = end - start < kChunk ? end - start : kChunk;
+            for (long long row = start / classes; row * classes < start + n; ++row) {
+                const int32_t lab = load(label + row);
+                const long long first = row * classes - start;  // this row's column 0 in the chunk (maybe < 0)
+                const long long lo = first > 0 ? first : 0;
+                const long long hi = first + classes < n ? first + classes : n;
+                const float fill = lab == -1 ? static_cast<float>(kIgnoreLabel) : 0.0f;
+                for (long long j = lo; j < hi; ++j) onehot[j] = fill;
+                if (lab >= 1 && first + lab - 1 >= 0 && first + lab - 1 < n) onehot[first + lab - 1] = 1.0f;
             }
-            row += rows_in;
+            block_loss += focal_chunk_through<T, float, P>(logit + start, onehot, start, n, c, loss, grad, flags,
+                                                           positives);
         }
         sums[2 * (r0 / block_rows)] = block_loss;
         sums[2 * (r0 / block_rows) + 1] = 0.0;
@@ -355,9 +379,10 @@ unsigned with_power(const Params& c, Span span) {
 
 }  // namespace
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// (tests/test_bit_identity.py defines FOCAL_CLONES as flatten alone, to build each target on its own)
+#if !defined(FOCAL_CLONES) && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FOCAL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
-#else
+#elif !defined(FOCAL_CLONES)
 #define FOCAL_CLONES
 #endif
 

@@ -54,7 +54,8 @@ _SCRATCH_BUFFERS = 8
 
 
 class _Scratch:
-    """Per-thread block buffers of one dtype, allocated once and reused by every request."""
+    """Per-thread block buffers of one dtype, allocated once and reused by every request: the size of one
+    block (a class-index row wider than a block is computed in pieces), whatever the requests' shapes."""
 
     def __init__(self, dtype: np.dtype, block: int):
         self.buffers = [np.empty(block, dtype) for _ in range(_SCRATCH_BUFFERS)]
@@ -62,14 +63,17 @@ class _Scratch:
         self.keep = np.empty(block, dtype)
         self.neg_abs = np.empty(block, dtype)
         self.zeros = np.zeros(block, dtype)
-        self._classes: dict[tuple[int, np.dtype], np.ndarray] = {}
+        self.p_t = np.empty(block, dtype)
+        self.mask = np.empty(block, np.bool_)
+        self.mask2 = np.empty(block, np.bool_)
+        self._classes = np.empty(0, np.int32)
 
     def class_numbers(self, width: int, dtype: np.dtype) -> np.ndarray:
-        """1..C as the labels' dtype, made once per (C, dtype) rather than per block."""
-        key = (width, dtype)
-        if key not in self._classes:
-            self._classes[key] = np.arange(1, width + 1, dtype=dtype)
-        return self._classes[key]
+        """1..C as the labels' dtype, made once per request rather than per block; only the last one is
+        kept (one per (C, dtype) ever seen grew without bound)."""
+        if self._classes.size != width or self._classes.dtype != dtype:
+            self._classes = np.arange(1, width + 1, dtype=dtype)
+        return self._classes
 
     def views(self, n: int) -> list[np.ndarray]:
         return [b[:n] for b in self.buffers]
@@ -99,7 +103,7 @@ def focal_block(x: np.ndarray, neg_abs_x: np.ndarray, y: np.ndarray, alpha: floa
                 want_grad: bool, scratch: _Scratch) -> tuple[np.ndarray, np.ndarray | None]:
     """Loss and dloss/dx of one block (before normalizer, reduction and grad_output), in scratch buffers.
 
-    Written for few passes and few live buffers (at most 8 besides the label), so that a block of
+    Written for few passes and few live buffers (at most 8 besides the label and p_t), so that a block of
     block stays in L2 (BLOCK_ELEMENTS_ONE_THREAD) or nearly (BLOCK_ELEMENTS_THREADED).
     """
     n = x.size
@@ -138,10 +142,18 @@ def focal_block(x: np.ndarray, neg_abs_x: np.ndarray, y: np.ndarray, alpha: floa
 
     grad = p_omy                                       # p - y
     if gamma != 0.0:
+        # a 0/1 label's r is p_t itself, taken as focal_block_hard takes it: the quotient can differ from it
+        # by an ulp, and whether a block is all hard depends on where the request's blocks start
+        p_t = scratch.p_t[:n]
+        np.copyto(p_t, omp)
+        np.copyto(p_t, p, where=np.greater(y, 0.5, out=scratch.mask[:n]))
         focus = np.multiply(p, omp, out=b[4])
         den = np.equal(q, 0.0, out=b[3])
         den += q
         focus /= den                                   # r = p(1-p)/q, 0 where q == 0
+        hard = np.equal(y, 0.0, out=scratch.mask[:n])
+        hard |= np.equal(y, 1.0, out=scratch.mask2[:n])
+        np.copyto(focus, p_t, where=hard)
         focus *= ce
         one_m_2y = np.subtract(omy, y, out=b[5])
         focus *= one_m_2y
@@ -198,7 +210,9 @@ class NumpyBackend:
     """The CPU backend. Computes with the compiled kernel (focal_loss_cpu.cpp) when `kernel` is given,
     else with the fused ufunc pipeline above; `threads` > 1 splits a large request's blocks over a pool."""
 
-    name = "numpy"
+    # what responses, GetServerInfo and metric labels call it: the --backend flag's and BACKEND_CPU's name,
+    # whichever engine computes (the device string says which)
+    name = "cpu"
 
     def __init__(self, threads: int = 1, block_elements: int | None = None,
                  allow_nonfinite: bool = False, kernel: CpuKernel | None = None):
@@ -219,11 +233,12 @@ class NumpyBackend:
         # the engine too: a replica whose kernel did not build computes 2-4x slower, and says so here
         return [f"cpu ({_cpu_model()}; {self.engine})"]
 
-    def _scratch(self, dtype: np.dtype, elements: int) -> _Scratch:
+    def _scratch(self, dtype: np.dtype) -> _Scratch:
+        """This thread's buffers for `dtype`: one block's worth, for as long as the thread lives."""
         cache = self._local.__dict__.setdefault("scratch", {})
         scratch = cache.get(dtype)
-        if scratch is None or scratch.zeros.size < elements:
-            scratch = cache[dtype] = _Scratch(dtype, max(elements, self.block_elements))
+        if scratch is None:
+            scratch = cache[dtype] = _Scratch(dtype, self.block_elements)
         return scratch
 
     def _over_blocks(self, blocks: int, run_span) -> list:
@@ -264,28 +279,36 @@ class NumpyBackend:
         dtype = job.dtype
         width = job.num_classes if job.label_format == rq.CLASS_INDEX else 1
         rows = job.elements // width if width else 0
+        # blocks of whole rows, at most block_elements; a wider row is cut into `pieces` blocks of its own
+        pieces = max(1, -(-width // self.block_elements))
+        piece = -(-width // pieces)
         rows_per_block = max(1, self.block_elements // max(width, 1))
-        blocks = -(-rows // rows_per_block)
+        blocks = rows * pieces if pieces > 1 else -(-rows // rows_per_block)
         block_sums = np.zeros(blocks, np.float64)
         block_positives = np.zeros(blocks, np.int64)
         outputs = (loss_out.reshape(-1) if loss_out is not None else None,
                    grad_out.reshape(-1) if grad_out is not None else None)
 
+        def elements_of(k: int) -> tuple[int, int]:
+            if pieces > 1:
+                row, part = divmod(k, pieces)
+                start = row * width + part * piece
+                return start, min(start + piece, (row + 1) * width)
+            return k * rows_per_block * width, min((k + 1) * rows_per_block, rows) * width
+
         def run_blocks(first: int, last: int) -> None:
-            scratch = self._scratch(dtype, rows_per_block * width)
+            scratch = self._scratch(dtype)
             for k in range(first, last):
-                r0 = k * rows_per_block
-                r1 = min(r0 + rows_per_block, rows)
-                block_sums[k], block_positives[k] = self._block(job, r0, r1, width, scratch, outputs)
+                block_sums[k], block_positives[k] = self._block(job, *elements_of(k), width, scratch, outputs)
 
         self._over_blocks(blocks, run_blocks)
         loss_sum = math.fsum(block_sums)
         positives = job.positives if job.positives is not None else float(block_positives.sum())
         return loss_sum, positives
 
-    def _block(self, job: Job, r0: int, r1: int, width: int, scratch: _Scratch,
+    def _block(self, job: Job, s: int, t: int, width: int, scratch: _Scratch,
                outputs: tuple[np.ndarray | None, np.ndarray | None]) -> tuple[float, int]:
-        s, t = r0 * width, r1 * width
+        """Elements [s, t): whole rows of a class-index request, or a piece of one row."""
         n = t - s
         x = job.logit.reshape(-1)[s:t]
         neg_abs_x = np.copysign(x, -1.0, out=scratch.neg_abs[:n])
@@ -293,7 +316,10 @@ class NumpyBackend:
         if not self.allow_nonfinite and not neg_abs_x.min() >= -np.finfo(x.dtype).max:
             rq.raise_nonfinite_logits(s, x)
         if job.label_format == rq.CLASS_INDEX:
-            y, keep, positives = self._class_index_labels(job.label[r0:r1], width, scratch)
+            if s % width == 0 and n % width == 0:
+                y, keep, positives = self._class_index_labels(job.label[s // width:t // width], width, scratch)
+            else:
+                y, keep, positives = self._class_index_piece(job.label, s, n, width, scratch)
             hard = True
         else:
             y, keep, positives = self._dense_labels(job.label.reshape(-1)[s:t], s, scratch)
@@ -358,6 +384,20 @@ class NumpyBackend:
             keep = scratch.keep[:n].reshape(rows, width)
             keep[...] = np.logical_not(ignored)[:, None]
             keep = keep.reshape(n)
+        return y, keep, 0
+
+    def _class_index_piece(self, label: np.ndarray, start: int, n: int, width: int, scratch: _Scratch):
+        """One-hot labels of columns [start % C, + n) of row start // C (a row wider than a block)."""
+        row, column = divmod(start, width)
+        y = scratch.label[:n]
+        y.fill(0)
+        lab = int(label[row])
+        if column < lab <= column + n:
+            y[lab - 1 - column] = 1
+        keep = None
+        if lab == -1:
+            keep = scratch.keep[:n]
+            keep.fill(0)
         return y, keep, 0
 
 
