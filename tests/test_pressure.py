@@ -378,7 +378,7 @@ def test_kubernetes_limits_hold_the_bound(manifest, idle_mib):
     import yaml
     doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "k8s" / manifest).read_text())
     container = doc["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     mb, limit, workers = (int(env[f"FOCALSERVE_{k}"]) for k in ("MAX_MESSAGE_MB", "MAX_CONCURRENT_RPCS", "WORKERS"))
     assert limit > 0
     bound = idle_mib + memory_bound_mib(mb, limit) + (2 * mb * workers if env["FOCALSERVE_BACKEND"] == "gpu" else 0)

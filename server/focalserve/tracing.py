@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import grpc
 
 from . import __version__
-from .interceptors import wrap_handler
+from .interceptors import _grpc_type, wrap_handler
 
 log = logging.getLogger("focalserve")
 
@@ -218,7 +218,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
             return handler
         wrapped = self._wrapped.get(handler)
         if wrapped is None:
-            unary = not handler.request_streaming and not handler.response_streaming
+            unary = _grpc_type(handler) == "unary"  # Compute is served request-streaming (CallGate)
             attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
             name = f"{service}/{method}"
             wrapped = self._wrapped[handler] = wrap_handler(
