@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
-from focalserve_client.client import build_request
+from focalserve_client.client import FocalLossError, build_request
 from focalserve_client.tensor import decode
 from test_security import DOC_LABEL, DOC_LOGIT, DOC_LOSS, SERVER_ARGS, start_tls_server
 
@@ -248,6 +248,7 @@ def test_other_client_identity_is_permission_denied(allow_server, pki):
             assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
             assert "client certificate" in e.value.details() and "--tls-client-allow" in e.value.details()
             assert "notebook.ml.svc" in e.value.details(), e.value.details()  # says who it saw
+            assert FocalLossError.from_rpc_error(e.value).reason == "CLIENT_NOT_ALLOWED"
         # probes need no allowed identity, as they need no token
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -1,5 +1,5 @@
-"""Large requests are read without copying their tensors (server/focalserve/wire.py): whatever the bytes,
-the result must be exactly what protobuf's own parse gives, or the same refusal."""
+"""Large requests are read without copying their tensors (client/focalserve_client/wire.py, the codec both
+ends use): whatever the bytes, the result must be exactly what protobuf's own parse gives, or the same refusal."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from focalloss.v1 import focal_loss_pb2 as pb
-from focalserve import wire
+from focalserve_client import wire
 from focalserve.service import Received, read_request
 from focalserve_client.client import build_request
 

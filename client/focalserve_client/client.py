@@ -201,17 +201,9 @@ def read_response(data: bytes, start: int = 0, end: int | None = None) -> Comput
     of `data`, not copies."""
     end = len(data) if end is None else end
     if end - start >= ZERO_COPY_BYTES:
-        parts = wire.split(data, wire.RESPONSE_TENSOR_FIELDS, start, end)
-        if parts is not None:
-            rest, tensors = parts
-            message = pb.ComputeResponse.FromString(rest)
-            payloads = {}
-            for name, (header, payload) in tensors.items():
-                tensor = getattr(message, name)
-                tensor.SetInParent()
-                tensor.MergeFromString(header)
-                payloads[name] = payload if payload is not None else b""
-            return parse_response(message, payloads)
+        parsed = wire.parse_in_place(pb.ComputeResponse, data, wire.RESPONSE_TENSOR_FIELDS, start, end)
+        if parsed is not None:
+            return parse_response(*parsed)
     return parse_response(pb.ComputeResponse.FromString(data[start:end] if start or end != len(data) else data))
 
 

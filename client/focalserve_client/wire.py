@@ -15,7 +15,7 @@ One codec for both ends (https://protobuf.dev/programming-guides/encoding/):
   that protobuf would refuse: a field key in at most 5 bytes and below 2^32, a length in at most 5 bytes
   and below 2^31, any other varint in at most 10 bytes.
 
-The server reads requests with it (server/focalserve/wire.py re-exports this module) and writes its
+The server reads requests with it and writes its
 responses with `tensor_field`; the client writes requests and reads responses.
 """
 
@@ -120,6 +120,24 @@ def split(data, tensor_fields: dict[int, str] = TENSOR_FIELDS, start: int = 0, e
         return b"".join(rest), tensors
     except _Unusual:
         return None
+
+
+def parse_in_place(message_class, data, tensor_fields: dict[int, str] = TENSOR_FIELDS, start: int = 0,
+                   end: int | None = None) -> tuple[object, dict[str, memoryview | bytes]] | None:
+    """(the message in data[start:end] parsed by protobuf with its Tensors' `data` left out, {tensor field:
+    its data as a view of `data`}), or None where the plain parse must decide (`split`)."""
+    parts = split(data, tensor_fields, start, end)
+    if parts is None:
+        return None
+    rest, tensors = parts
+    message = message_class.FromString(rest)
+    payloads = {}
+    for name, (header, payload) in tensors.items():
+        tensor = getattr(message, name)
+        tensor.SetInParent()
+        tensor.MergeFromString(header)
+        payloads[name] = payload if payload is not None else b""
+    return message, payloads
 
 
 def only_field(data, number: int) -> tuple[int, int] | None:

@@ -24,6 +24,7 @@ REASONS = {
     "TOKEN_INVALID": "a bearer token that is not the server's (UNAUTHENTICATED)",
     "OVERLOADED": "--max-concurrent-rpcs calls already in progress (RESOURCE_EXHAUSTED)",
     "DRAINING": "the server is shutting down (UNAVAILABLE): retry, on another replica",
+    "CLIENT_NOT_ALLOWED": "a client certificate naming no identity of --tls-client-allow (PERMISSION_DENIED)",
     "INTERNAL_ERROR": "an unexpected failure, logged with the error id (INTERNAL)",
 }
 

@@ -141,7 +141,8 @@ def wrap_handler(handler: grpc.RpcMethodHandler, guard, on_message=None) -> grpc
     return result
 
 
-def _status_code(context, error: BaseException | None) -> grpc.StatusCode:
+def status_code(context, error: BaseException | None) -> grpc.StatusCode:
+    """The status a call ended with, as seen from a wrapper around its handler."""
     # GeneratorExit: grpc closed a streaming handler waiting in `yield` (its peer went away while flow
     # control held an answer back), which is a cancellation too, not an unknown failure
     if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
@@ -190,7 +191,7 @@ class _Measured:
 
     async def __aexit__(self, exc_type, error, tb):
         seconds = time.perf_counter() - self.started
-        code = _status_code(self.context, error)
+        code = status_code(self.context, error)
         metrics.GRPC_HANDLED.labels(*self.method.labels, code.name).inc()
         self.method.seconds.observe(seconds)
         if code is not grpc.StatusCode.OK:

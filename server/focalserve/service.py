@@ -23,10 +23,11 @@ from grpc_status import rpc_status
 
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
+from focalserve_client import wire
 from focalserve_client.combine import normalized_loss
 from focalserve_client.tensor import length_delimited, tensor_field
 
-from . import __version__, metrics, tracing, wire
+from . import __version__, metrics, tracing
 from .backends import BackendSet
 from .errors import RequestError, internal_status
 from .request import LOGIT_DTYPES, Limits, parse
@@ -212,17 +213,10 @@ def parse_request(data: bytes) -> Received:
 
 def read_request(data: bytes, in_place: bool) -> Received:
     try:
-        parts = wire.split(data) if in_place else None
-        if parts is None:
+        parsed = wire.parse_in_place(pb.ComputeRequest, data) if in_place else None
+        if parsed is None:
             return Received(pb.ComputeRequest.FromString(data), len(data))
-        rest, tensors = parts
-        message = pb.ComputeRequest.FromString(rest)
-        payloads = {}
-        for name, (header, payload) in tensors.items():
-            tensor = getattr(message, name)
-            tensor.SetInParent()
-            tensor.MergeFromString(header)
-            payloads[name] = payload if payload is not None else b""
+        message, payloads = parsed
         return Received(message, len(data), payloads=payloads)
     except DecodeError as e:
         return Received(None, len(data), str(e)[:200])

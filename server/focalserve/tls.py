@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import grpc
 
 from . import metrics
+from .errors import refusal
 from .interceptors import HEALTH_SERVICE, _split, wrap_handler
 
 log = logging.getLogger("focalserve")
@@ -131,9 +132,10 @@ class _Allowed:
         if self.allowed.isdisjoint(names):
             metrics.REJECTED.labels("client_not_allowed").inc()
             shown = ", ".join(names[:8]) or "none"
-            await self.context.abort(
+            await self.context.abort_with_status(refusal(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"client certificate: no name of it ({shown}) is in the server's --tls-client-allow list")
+                f"client certificate: no name of it ({shown}) is in the server's --tls-client-allow list",
+                "CLIENT_NOT_ALLOWED"))
 
     async def __aexit__(self, *exc):
         return False

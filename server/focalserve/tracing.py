@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import grpc
 
 from . import __version__
-from .interceptors import _grpc_type, wrap_handler
+from .interceptors import _grpc_type, status_code, wrap_handler
 
 log = logging.getLogger("focalserve")
 
@@ -166,17 +166,6 @@ def annotate(span, label_format: str, result) -> None:
 
 # ---- the server span of each call ----
 
-def _status_code(context, error: BaseException | None) -> grpc.StatusCode:
-    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
-        remaining = context.time_remaining()
-        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
-            else grpc.StatusCode.CANCELLED
-    code = context.code()
-    if code is not None:
-        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code)
-    return grpc.StatusCode.UNKNOWN if error is not None else _OK_CODE
-
-
 class _CallSpan:
     __slots__ = ("name", "attributes", "unary", "context", "span", "token")
 
@@ -190,7 +179,7 @@ class _CallSpan:
         self.token = _call.set((self.span, self.unary))
 
     async def __aexit__(self, exc_type, error, tb):
-        code = _status_code(self.context, error)
+        code = status_code(self.context, error)
         self.span.set_attribute("rpc.grpc.status_code", code.value[0])
         if code is not _OK_CODE:
             details = self.context.details() if error is None or code is not grpc.StatusCode.UNKNOWN else str(error)
