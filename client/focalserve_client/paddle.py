@@ -1,0 +1,102 @@
+"""PaddlePaddle drop-ins, computed by focalserve.
+
+    from focalserve_client.paddle import sigmoid_focal_loss      # paddle.nn.functional's signature
+    from focalserve_client.paddle import detection_sigmoid_focal_loss   # the legacy detection op's
+
+One service round trip per forward and backward: the forward asks for the gradient too (when `logit`
+needs one) and the backward scales it by the upstream gradient without calling the service again.
+Importing this module imports paddle; `import focalserve_client` does not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+
+from ._shared import default_client
+from .client import FocalLossClient
+
+__all__ = ["sigmoid_focal_loss", "detection_sigmoid_focal_loss"]
+
+
+class _ServiceFocalLoss(paddle.autograd.PyLayer):
+    """Only the logit is a Tensor argument, so it is the only input that gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, logit, label: np.ndarray, options: dict, client: FocalLossClient):
+        compute_grad = not logit.stop_gradient
+        result = client.compute(logit.numpy(), label, compute_grad=compute_grad, **options)
+        loss = paddle.to_tensor(np.asarray(result.loss), dtype=logit.dtype, place=logit.place)
+        if compute_grad:
+            ctx.save_for_backward(paddle.to_tensor(result.grad, dtype=logit.dtype, place=logit.place))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensor()
+        # element-wise for "none", a 0-d scale otherwise
+        return grad * grad_output
+
+
+def _scalar(tensor, name: str) -> float:
+    values = np.asarray(tensor.numpy() if hasattr(tensor, "numpy") else tensor).reshape(-1)
+    if values.size != 1:
+        raise ValueError(f"Expected {name} in sigmoid_focal_loss to hold one value, got shape {list(values.shape)}.")
+    return float(values[0])
+
+
+def sigmoid_focal_loss(logit, label, normalizer=None, alpha: float = 0.25, gamma: float = 2.0,
+                       reduction: str = "sum", name: str | None = None, *, client: FocalLossClient | None = None):
+    """paddle.nn.functional.sigmoid_focal_loss, computed by focalserve; differentiable with respect to `logit`.
+
+    logit: [N, *] float32/float64; label: same shape, in [0, 1] (soft labels allowed, -100 ignores the
+    element); normalizer: an optional [1] (or 0-d) tensor dividing the loss; reduction 'sum' | 'mean' |
+    'none'. The result has `logit`'s dtype and place. `label` and `normalizer` get no gradient.
+    client: a FocalLossClient; None means one shared client for FOCALSERVE_TARGET (default localhost:50051).
+
+    Where the service deliberately differs from PaddlePaddle 3.3.1 (README, "Deliberate differences"), this
+    gives the service's values: the exact gradient at x = 0 and for 0 < gamma < 1 with saturated logits
+    (Paddle's is wrong or NaN there), a -100 label fully ignored (loss and gradient 0), rank-1 logits
+    accepted; alpha outside [0, 1], a negative gamma, a label outside [0, 1] ∪ {-100}, a normalizer <= 0
+    and non-finite logits are refused with FocalLossError naming the field.
+    """
+    if reduction not in ("sum", "mean", "none"):
+        raise ValueError("The value of 'reduction' in sigmoid_focal_loss should be 'sum', 'mean' or 'none', "
+                         f"but received {reduction}, which is not allowed.")
+    norm = None
+    if normalizer is not None:
+        if len(normalizer.shape) > 1:
+            raise ValueError("Expected zero or one dimension of normalizer in sigmoid_focal_loss but got "
+                             f"{len(normalizer.shape)}.")
+        norm = _scalar(normalizer, "normalizer")
+    if list(label.shape) != list(logit.shape):
+        raise ValueError(f"label shape {list(label.shape)} must match logit shape {list(logit.shape)} "
+                         "in sigmoid_focal_loss.")
+    options = dict(alpha=float(alpha), gamma=float(gamma), normalizer=norm, reduction=reduction)
+    label_np = label.numpy() if hasattr(label, "numpy") else np.asarray(label)
+    return _ServiceFocalLoss.apply(logit, label_np, options, client or default_client())
+
+
+def detection_sigmoid_focal_loss(x, label, fg_num, gamma: float = 2.0, alpha: float = 0.25, *,
+                                 client: FocalLossClient | None = None):
+    """The legacy fluid.layers.detection.sigmoid_focal_loss, computed by focalserve.
+
+    x: [N, C] float logits (C classes, background excluded); label: [N, 1] int32/int64, 0 background,
+    1..C the positive class, -1 ignores the row; fg_num: a [1] int tensor, the normalizer (clamped to at
+    least 1). Returns the element-wise [N, C] loss, differentiable with respect to `x`; `label` and
+    `fg_num` get no gradient.
+
+    Deliberate differences from the legacy op (README): p is not clamped at FLT_MIN, so a positive with a
+    very negative logit gets its exact loss α·|x| rather than saturating at 87.34·α; a class label outside
+    {-1, 0..C} is refused with FocalLossError naming `label` instead of being read as background.
+    """
+    if len(x.shape) != 2:
+        raise ValueError(f"The rank of x in detection sigmoid_focal_loss should be 2, but received {len(x.shape)}.")
+    if list(label.shape) != [x.shape[0], 1]:
+        raise ValueError(f"The shape of label in detection sigmoid_focal_loss should be [{x.shape[0]}, 1], "
+                         f"but received {list(label.shape)}.")
+    norm = max(_scalar(fg_num, "fg_num"), 1.0)
+    options = dict(label_format="class_index", alpha=float(alpha), gamma=float(gamma), normalizer=norm,
+                   reduction="none")
+    label_np = label.numpy() if hasattr(label, "numpy") else np.asarray(label)
+    return _ServiceFocalLoss.apply(x, label_np, options, client or default_client())
