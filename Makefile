@@ -18,8 +18,9 @@ export MALLOC_TRIM_THRESHOLD_ ?= 68719476736
 export MALLOC_ARENA_MAX ?= 1
 
 BENCH_VENV := .venv-bench
+FW_VENV    := .venv-frameworks
 
-.PHONY: serve test setup stubs clean bench bench-cpu bench-service
+.PHONY: serve test setup stubs clean bench bench-cpu bench-service frameworks bench-frameworks
 
 serve: setup
 	$(PY) -m focalserve $(ARGS)
@@ -67,5 +68,18 @@ $(BENCH_VENV)/.installed: requirements.lock requirements-bench.txt $(STUBS)
 	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e client -e server
 	touch $@
 
+# PaddlePaddle and PyTorch (CPU) for the drop-ins (README "Use it from PaddlePaddle / PyTorch"): their tests
+# (tests/test_frameworks.py builds this venv through this target), examples/ and benchmarks/frameworks.py.
+frameworks: $(FW_VENV)/.installed
+
+bench-frameworks: $(FW_VENV)/.installed
+	$(FW_VENV)/bin/python benchmarks/frameworks.py $(BENCH_ARGS)
+
+$(FW_VENV)/.installed: requirements.lock requirements-frameworks.lock $(STUBS) client/pyproject.toml server/pyproject.toml server/setup.py server/focalserve/backends/focal_loss_cpu.cpp
+	$(PYTHON) -m venv $(FW_VENV)
+	$(FW_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-frameworks.lock
+	$(FW_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e client -e server
+	touch $@
+
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) client/focalloss build server/build *.egg-info client/*.egg-info server/*.egg-info server/focalserve/backends/*.so
+	rm -rf $(VENV) $(BENCH_VENV) $(FW_VENV) client/focalloss build server/build *.egg-info client/*.egg-info server/*.egg-info server/focalserve/backends/*.so
