@@ -25,10 +25,11 @@ class _ServiceFocalLoss(paddle.autograd.PyLayer):
     @staticmethod
     def forward(ctx, logit, label: np.ndarray, options: dict, client: FocalLossClient):
         compute_grad = not logit.stop_gradient
-        result = client.compute(logit.numpy(), label, compute_grad=compute_grad, **options)
+        result = client.compute(_host_array(logit), label, compute_grad=compute_grad, **options)
+        # The loss goes to the caller, who may write to it: a copy of the response's read-only bytes.
         loss = paddle.to_tensor(np.asarray(result.loss), dtype=logit.dtype, place=logit.place)
         if compute_grad:
-            ctx.save_for_backward(paddle.to_tensor(result.grad, dtype=logit.dtype, place=logit.place))
+            ctx.save_for_backward(_saved_grad(result.grad, logit))
         return loss
 
     @staticmethod
@@ -36,6 +37,21 @@ class _ServiceFocalLoss(paddle.autograd.PyLayer):
         (grad,) = ctx.saved_tensor()
         # element-wise for "none", a 0-d scale otherwise
         return grad * grad_output
+
+
+def _host_array(tensor) -> np.ndarray:
+    """The tensor's values as a NumPy array: a view of a CPU tensor (DLPack, no copy), else a host copy."""
+    if tensor.place.is_cpu_place():
+        return np.from_dlpack(tensor.detach())
+    return tensor.numpy()
+
+
+def _saved_grad(grad: np.ndarray, like):
+    """The response's gradient as a tensor of `like`'s dtype and place; on the CPU a view of the response
+    (DLPack, no copy) that is only ever read: backward multiplies it out of place."""
+    if like.place.is_cpu_place() and grad.dtype == np.dtype(str(like.dtype).replace("paddle.", "")):
+        return paddle.from_dlpack(grad)
+    return paddle.to_tensor(grad, dtype=like.dtype, place=like.place)
 
 
 def _scalar(tensor, name: str) -> float:

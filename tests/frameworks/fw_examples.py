@@ -60,3 +60,16 @@ def test_training_step_example_learns(fw_server, framework, tmp_path):
     losses = [float(v) for v in re.findall(r"^step \d+ loss (\S+)$", out, re.M)]
     assert len(losses) == 4
     assert all(b < a for a, b in zip(losses, losses[1:])), losses  # backward() moved the head downhill
+
+
+def test_frameworks_benchmark_prints_every_row(tmp_path):
+    """benchmarks/frameworks.py still runs (figures not checked: benchmarks are never timed assertions)."""
+    out = run([sys.executable, str(EXAMPLES.parent / "benchmarks" / "frameworks.py"), "--sizes", "64K",
+               "--rounds", "1", "--repeats", "1"], tmp_path)
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
+            for line in out.splitlines() if line.startswith("| ") and not line.startswith("|---")}
+    for name in ("client.compute", "torch drop-in", "paddle drop-in", "torch own op", "paddle own op"):
+        assert re.fullmatch(r"\d+\.\d\d ms \(\d+ M elem/s\)", rows[name]), (name, rows.get(name))
+        assert float(rows[name].split()[0]) > 0
+    for name in ("torch drop-in overhead over client.compute", "paddle drop-in overhead over client.compute"):
+        assert re.fullmatch(r"[+-]\d+\.\d%", rows[name]), (name, rows.get(name))
