@@ -4,8 +4,8 @@ CPU ops, measured side by side in one run.
     make bench-frameworks     # or: .venv-frameworks/bin/python benchmarks/frameworks.py [--write BENCHMARKS.md]
 
 One server (CPU backend, the tuned allocator) on loopback; float32 logits [N/128, 128] with float32 binary
-labels, reduction SUM, loss and gradient. For each size, every round times each of these back to back
-(median of --repeats calls each):
+labels, reduction SUM, loss and gradient. For each size, these take turns call by call (--calls of each;
+the figures are medians):
 
   client.compute          FocalLossClient.compute(..., compute_grad=True) on NumPy arrays: the floor
   torch drop-in           focalserve_client.torch.sigmoid_focal_loss forward + loss.backward()
@@ -16,7 +16,7 @@ labels, reduction SUM, loss and gradient. For each size, every round times each 
 OMP_WAIT_POLICY=PASSIVE unless set: with torch's OpenMP threads spinning after each op (the default), a
 client sharing its cores with the server starves it (a 64K drop-in call: 2.6 -> 17 ms on 2 cores).
 
-A drop-in's overhead is the median over rounds of (drop-in time / client.compute time) - 1: what it adds
+A drop-in's overhead is the median over i of (drop-in call i / client.compute call i) - 1: what it adds
 to the plain call it makes (tensor to NumPy, the result back to a tensor, the backward's scaling).
 """
 
@@ -102,21 +102,29 @@ def variants(client: FocalLossClient, n: int) -> dict:
             "torch own op": torch_own, "paddle own op": paddle_own}
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm: first-call allocations, the frameworks' kernel selection
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved(fns: dict, calls: int) -> dict[str, list[float]]:
+    """`calls` timings of each variant, taking turns call by call: on a shared, loaded machine the load
+    drifts over seconds, and turns put every variant's call i under about the same load."""
+    for fn in fns.values():
+        fn()  # warm: first-call allocations, the frameworks' kernel selection
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(calls):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def paired_median(times: dict[str, list[float]], name: str, base: str) -> float:
+    """The median of call i's ratio name / base: each ratio compares calls made one after the other."""
+    return statistics.median(a / b for a, b in zip(times[name], times[base]))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1M,4M", help="comma-separated element counts (K/M suffixes)")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--calls", type=int, default=50, help="timed calls of each variant")
     ap.add_argument("--write", help="append the table to this Markdown file")
     args = ap.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",")]
@@ -128,34 +136,30 @@ def main() -> int:
             results = {}
             for n in sizes:
                 fns = variants(client, n)
-                rounds = [{name: median_time(fn, args.repeats) for name, fn in fns.items()}
-                          for _ in range(args.rounds)]
-                results[n] = rounds
+                results[n] = interleaved(fns, args.calls)
     finally:
         proc.terminate()
         proc.wait(30)
 
-    names = list(next(iter(results.values()))[0])
+    names = list(next(iter(results.values())))
     lines = [f"<!-- benchmarks/frameworks.py, {datetime.date.today()}, {cpu_model()}, {os.cpu_count()} CPUs, "
              f"torch {torch.__version__} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY="
              f"{os.environ['OMP_WAIT_POLICY']}), paddle {paddle.__version__}, "
-             f"{args.rounds} rounds of {args.repeats} calls -->",
+             f"{args.calls} calls of each, taking turns -->",
              "",
              "| forward + backward, float32, SUM | " + " | ".join(size_label(n) for n in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
     for name in names:
         cells = []
         for n in sizes:
-            ms = statistics.median(r[name] for r in results[n]) * 1e3
+            ms = statistics.median(results[n][name]) * 1e3
             cells.append(f"{ms:.2f} ms ({n / ms / 1e3:.0f} M elem/s)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name in ("torch drop-in", "paddle drop-in"):
-        cells = [f"{(statistics.median(r[name] / r['client.compute'] for r in results[n]) - 1) * 100:+.1f}%"
-                 for n in sizes]
+        cells = [f"{(paired_median(results[n], name, 'client.compute') - 1) * 100:+.1f}%" for n in sizes]
         lines.append(f"| {name} overhead over client.compute | " + " | ".join(cells) + " |")
     for name, own in (("torch", "torch own op"), ("paddle", "paddle own op")):
-        cells = [f"{statistics.median(r[name + ' drop-in'] / r[own] for r in results[n]):.2f}x"
-                 for n in sizes]
+        cells = [f"{paired_median(results[n], name + ' drop-in', own):.2f}x" for n in sizes]
         lines.append(f"| {name} drop-in / {own} | " + " | ".join(cells) + " |")
     emit(lines, args.write)
     return 0

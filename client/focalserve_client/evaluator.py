@@ -89,14 +89,14 @@ class Evaluator:
             if self._thread is not None:
                 self._queue.put(_END)
                 self._thread.join()
-                self._raise_failure()
-                if self._summary is None:
-                    raise FocalLossError(_unknown_code(), "the stream ended without a summary")
             else:
                 self._summary = StreamSummary()
             if self._progress is True:
                 self._print_progress(force=True)
                 print(file=sys.stderr)
+        self._raise_failure()  # again on every call: a failed stream has no summary to give
+        if self._summary is None:
+            raise FocalLossError(_unknown_code(), "the stream ended without a summary")
         local = self._summary
         return all_reduce_summary(local) if distributed else StreamSummary(**vars(local))
 

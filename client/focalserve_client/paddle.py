@@ -39,6 +39,13 @@ class _ServiceFocalLoss(paddle.autograd.PyLayer):
         return grad * grad_output
 
 
+def _check_tensors(**tensors) -> None:
+    for name, value in tensors.items():
+        if not isinstance(value, paddle.Tensor):
+            raise TypeError(f"The type of '{name}' in sigmoid_focal_loss must be paddle.Tensor, "
+                            f"but received {type(value).__name__}.")
+
+
 def _host_array(tensor) -> np.ndarray:
     """The tensor's values as a NumPy array: a view of a CPU tensor (DLPack, no copy), else a host copy."""
     if tensor.place.is_cpu_place():
@@ -76,6 +83,7 @@ def sigmoid_focal_loss(logit, label, normalizer=None, alpha: float = 0.25, gamma
     accepted; alpha outside [0, 1], a negative gamma, a label outside [0, 1] ∪ {-100}, a normalizer <= 0
     and non-finite logits are refused with FocalLossError naming the field.
     """
+    _check_tensors(logit=logit, label=label)
     if reduction not in ("sum", "mean", "none"):
         raise ValueError("The value of 'reduction' in sigmoid_focal_loss should be 'sum', 'mean' or 'none', "
                          f"but received {reduction}, which is not allowed.")
@@ -106,6 +114,7 @@ def detection_sigmoid_focal_loss(x, label, fg_num, gamma: float = 2.0, alpha: fl
     very negative logit gets its exact loss α·|x| rather than saturating at 87.34·α; a class label outside
     {-1, 0..C} is refused with FocalLossError naming `label` instead of being read as background.
     """
+    _check_tensors(x=x, label=label)
     if len(x.shape) != 2:
         raise ValueError(f"The rank of x in detection sigmoid_focal_loss should be 2, but received {len(x.shape)}.")
     if list(label.shape) != [x.shape[0], 1]:

@@ -91,6 +91,8 @@ def test_a_stream_that_fails_raises_from_summary():
         evaluator.add(np.zeros(4, np.float32), np.zeros(4, np.float32))
         with pytest.raises(FocalLossError) as failed:
             evaluator.summary()
+        with pytest.raises(FocalLossError):
+            evaluator.summary()
     assert failed.value.code == grpc.StatusCode.UNAVAILABLE
 
 

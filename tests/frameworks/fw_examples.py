@@ -65,7 +65,7 @@ def test_training_step_example_learns(fw_server, framework, tmp_path):
 def test_frameworks_benchmark_prints_every_row(tmp_path):
     """benchmarks/frameworks.py still runs (figures not checked: benchmarks are never timed assertions)."""
     out = run([sys.executable, str(EXAMPLES.parent / "benchmarks" / "frameworks.py"), "--sizes", "64K",
-               "--rounds", "1", "--repeats", "1"], tmp_path)
+               "--calls", "2"], tmp_path)
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
             for line in out.splitlines() if line.startswith("| ") and not line.startswith("|---")}
     for name in ("client.compute", "torch drop-in", "paddle drop-in", "torch own op", "paddle own op"):

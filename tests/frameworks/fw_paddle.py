@@ -138,3 +138,5 @@ def test_wrong_arguments(client):
     assert [field for field, _ in refused.value.violations] == ["label"]
     with pytest.raises(ValueError, match="label"):
         detection_sigmoid_focal_loss(x, paddle.to_tensor([0, 1, 2, 0]), paddle.to_tensor([1]), client=client)
+    with pytest.raises(TypeError, match="logit"):
+        sigmoid_focal_loss(logit.numpy(), label, client=client)
