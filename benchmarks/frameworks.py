@@ -108,10 +108,12 @@ def interleaved(fns: dict, calls: int) -> dict[str, list[float]]:
     for fn in fns.values():
         fn()  # warm: first-call allocations, the frameworks' kernel selection
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(calls):
-        for name, fn in fns.items():
+    names = list(fns)
+    for turn in range(calls):
+        # each turn starts one variant later, so that no variant always follows the same other one
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return times
 
