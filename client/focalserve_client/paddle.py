@@ -23,8 +23,7 @@ class _ServiceFocalLoss(paddle.autograd.PyLayer):
     """Only the logit is a Tensor argument, so it is the only input that gets a gradient."""
 
     @staticmethod
-    def forward(ctx, logit, label: np.ndarray, options: dict, client: FocalLossClient):
-        compute_grad = not logit.stop_gradient
+    def forward(ctx, logit, label: np.ndarray, options: dict, client: FocalLossClient, compute_grad: bool):
         result = client.compute(_host_array(logit), label, compute_grad=compute_grad, **options)
         # The loss goes to the caller, who may write to it: a copy of the response's read-only bytes.
         loss = paddle.to_tensor(np.asarray(result.loss), dtype=logit.dtype, place=logit.place)
@@ -37,6 +36,11 @@ class _ServiceFocalLoss(paddle.autograd.PyLayer):
         (grad,) = ctx.saved_tensor()
         # element-wise for "none", a 0-d scale otherwise
         return grad * grad_output
+
+
+def _wants_grad(logit) -> bool:
+    # known here, not in PyLayer.forward, which runs with gradients off: nothing asked under paddle.no_grad()
+    return not logit.stop_gradient and paddle.is_grad_enabled()
 
 
 def _check_tensors(**tensors) -> None:
@@ -98,7 +102,7 @@ def sigmoid_focal_loss(logit, label, normalizer=None, alpha: float = 0.25, gamma
                          "in sigmoid_focal_loss.")
     options = dict(alpha=float(alpha), gamma=float(gamma), normalizer=norm, reduction=reduction)
     label_np = label.numpy() if hasattr(label, "numpy") else np.asarray(label)
-    return _ServiceFocalLoss.apply(logit, label_np, options, client or default_client())
+    return _ServiceFocalLoss.apply(logit, label_np, options, client or default_client(), _wants_grad(logit))
 
 
 def detection_sigmoid_focal_loss(x, label, fg_num, gamma: float = 2.0, alpha: float = 0.25, *,
@@ -124,4 +128,4 @@ def detection_sigmoid_focal_loss(x, label, fg_num, gamma: float = 2.0, alpha: fl
     options = dict(label_format="class_index", alpha=float(alpha), gamma=float(gamma), normalizer=norm,
                    reduction="none")
     label_np = label.numpy() if hasattr(label, "numpy") else np.asarray(label)
-    return _ServiceFocalLoss.apply(x, label_np, options, client or default_client())
+    return _ServiceFocalLoss.apply(x, label_np, options, client or default_client(), _wants_grad(x))

@@ -24,7 +24,7 @@ _REDUCTIONS = ("none", "mean", "sum")
 class _SigmoidFocalLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs: torch.Tensor, targets, alpha: float, gamma: float, normalizer, reduction: str,
-                client: FocalLossClient):
+                client: FocalLossClient, want_grad: bool):
         logit = inputs.detach()
         # NumPy has no bfloat16: such inputs travel as float32 (the service computes them in float32 anyway)
         if logit.dtype == torch.bfloat16:
@@ -33,7 +33,7 @@ class _SigmoidFocalLoss(torch.autograd.Function):
         if label.dtype == torch.bfloat16:
             label = label.float()
         result = client.compute(logit.cpu().numpy(), label.cpu().numpy(), alpha=alpha, gamma=gamma,
-                                normalizer=normalizer, reduction=reduction, compute_grad=ctx.needs_input_grad[0])
+                                normalizer=normalizer, reduction=reduction, compute_grad=want_grad)
         # The loss goes to the caller, who may write to it: a copy of the response's read-only bytes.
         loss = torch.tensor(result.loss).to(device=inputs.device, dtype=inputs.dtype)
         if result.grad is not None:
@@ -44,7 +44,7 @@ class _SigmoidFocalLoss(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
         # element-wise for "none", a 0-d scale otherwise; out of place, so the saved gradient is never written
-        return grad * grad_output, None, None, None, None, None, None
+        return grad * grad_output, None, None, None, None, None, None, None
 
 
 def _readonly_tensor(array):
@@ -84,5 +84,7 @@ def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float
         # No α weighting: α = 0.5 weighs every element by exactly 0.5 (α·y + (1-α)·(1-y) = 0.5 for any y),
         # and dividing by a normalizer of 0.5 doubles it back, both exact in binary floating point.
         alpha, normalizer = 0.5, 0.5
+    # forward runs with grad mode off: whether a gradient will be wanted is known only here (not under no_grad)
+    want_grad = torch.is_grad_enabled() and inputs.requires_grad
     return _SigmoidFocalLoss.apply(inputs, targets, alpha, gamma, normalizer, reduction,
-                                   client or default_client())
+                                   client or default_client(), want_grad)

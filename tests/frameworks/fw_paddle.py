@@ -140,3 +140,15 @@ def test_wrong_arguments(client):
         detection_sigmoid_focal_loss(x, paddle.to_tensor([0, 1, 2, 0]), paddle.to_tensor([1]), client=client)
     with pytest.raises(TypeError, match="logit"):
         sigmoid_focal_loss(logit.numpy(), label, client=client)
+
+
+def test_no_gradient_asked_under_no_grad(client, monkeypatch):
+    asked = []
+    compute = client.compute
+    monkeypatch.setattr(client, "compute", lambda *a, **k: asked.append(k["compute_grad"]) or compute(*a, **k))
+    logit, label = dense_batch("float32", seed=6)
+    logit.stop_gradient = False
+    with paddle.no_grad():
+        sigmoid_focal_loss(logit, label, client=client)
+    sigmoid_focal_loss(logit, label, client=client).backward()
+    assert asked == [False, True]

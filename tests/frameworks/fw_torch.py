@@ -136,3 +136,16 @@ def test_default_client_follows_focalserve_target_from_several_threads(fw_server
             torch.testing.assert_close(r, expected, rtol=1e-10, atol=0)
     finally:
         reset_default_client()
+
+
+def test_no_gradient_asked_under_no_grad(client, monkeypatch):
+    asked = []
+    compute = client.compute
+    monkeypatch.setattr(client, "compute", lambda *a, **k: asked.append(k["compute_grad"]) or compute(*a, **k))
+    logit, target = batch(torch.float32, seed=7)
+    x = logit.requires_grad_(True)
+    with torch.no_grad():
+        sigmoid_focal_loss(x, target, client=client)
+    sigmoid_focal_loss(x, target, reduction="sum", client=client).backward()
+    sigmoid_focal_loss(logit.detach(), target, client=client)
+    assert asked == [False, True, False]
