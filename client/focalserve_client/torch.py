@@ -11,6 +11,8 @@ Importing this module imports torch; `import focalserve_client` does not.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ._shared import default_client
@@ -47,12 +49,15 @@ class _SigmoidFocalLoss(torch.autograd.Function):
         return grad * grad_output, None, None, None, None, None, None, None
 
 
+# The saved gradient is a view of the response's read-only bytes that is only ever read (backward multiplies
+# out of place), so torch's warning about it does not apply; a filter once, as catch_warnings is not thread-safe.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning,
+                        module=__name__)
+
+
 def _readonly_tensor(array):
-    """A tensor over a read-only array without copying it; only ever read (out-of-place ops)."""
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
-        return torch.from_numpy(array)
+    """A tensor over a read-only array, without copying it."""
+    return torch.from_numpy(array)
 
 
 def sigmoid_focal_loss(inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2,
