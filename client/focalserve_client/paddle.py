@@ -35,7 +35,11 @@ class _ServiceFocalLoss(paddle.autograd.PyLayer):
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensor()
         # element-wise for "none", a 0-d scale otherwise
-        return grad * grad_output
+        if grad.dtype == grad_output.dtype:
+            return grad * grad_output
+        # half-precision logits: the gradient was kept in the service's float32 (Paddle's CPU has no float16
+        # multiply); scaled in float32, then given the logit's dtype
+        return (grad * grad_output.astype(grad.dtype)).astype(grad_output.dtype)
 
 
 def _wants_grad(logit) -> bool:
@@ -52,17 +56,24 @@ def _check_tensors(**tensors) -> None:
 
 def _host_array(tensor) -> np.ndarray:
     """The tensor's values as a NumPy array: a view of a CPU tensor (DLPack, no copy), else a host copy."""
+    if tensor.dtype == paddle.bfloat16:  # NumPy has none: computed in float32 by the service anyway
+        tensor = tensor.astype("float32")
     if tensor.place.is_cpu_place():
         return np.from_dlpack(tensor.detach())
     return tensor.numpy()
 
 
+_NUMPY_DTYPES = {paddle.float32: np.dtype(np.float32), paddle.float64: np.dtype(np.float64)}
+
+
 def _saved_grad(grad: np.ndarray, like):
-    """The response's gradient as a tensor of `like`'s dtype and place; on the CPU a view of the response
-    (DLPack, no copy) that is only ever read: backward multiplies it out of place."""
-    if like.place.is_cpu_place() and grad.dtype == np.dtype(str(like.dtype).replace("paddle.", "")):
+    """The response's gradient as a tensor on `like`'s place, of its dtype (float32 for half-precision
+    logits); on the CPU a view of the response (DLPack, no copy) that is only ever read: backward
+    multiplies it out of place."""
+    if like.place.is_cpu_place() and _NUMPY_DTYPES.get(like.dtype) == grad.dtype:
         return paddle.from_dlpack(grad)
-    return paddle.to_tensor(grad, dtype=like.dtype, place=like.place)
+    dtype = like.dtype if like.dtype in _NUMPY_DTYPES else paddle.float32
+    return paddle.to_tensor(grad, dtype=dtype, place=like.place)
 
 
 def _scalar(tensor, name: str) -> float:

@@ -152,3 +152,15 @@ def test_no_gradient_asked_under_no_grad(client, monkeypatch):
         sigmoid_focal_loss(logit, label, client=client)
     sigmoid_focal_loss(logit, label, client=client).backward()
     assert asked == [False, True]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_logits_keep_their_dtype(client, dtype):
+    logit, label = dense_batch("float32", seed=7)
+    x = logit.astype(dtype)
+    x.stop_gradient = False
+    loss = sigmoid_focal_loss(x, label, reduction="sum", client=client)
+    loss.backward()
+    assert loss.dtype == x.dtype and x.grad.dtype == x.dtype
+    ref = F.sigmoid_focal_loss(x.astype("float32"), label, reduction="sum")
+    np.testing.assert_allclose(float(loss.astype("float32")), float(ref), rtol=1e-2)
