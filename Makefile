@@ -21,8 +21,10 @@ BENCH_VENV := .venv-bench
 # oldest dependencies (the minimum-versions test); tests/test_packaging.py builds both through these targets.
 PROTOC_VENV := .venv-protoc
 MIN_VENV    := .venv-minversions
+FW_VENV     := .venv-frameworks
 
-.PHONY: serve test setup stubs clean bench bench-cpu bench-service bench-client protoc-venv minversions-venv
+.PHONY: serve test setup stubs clean bench bench-cpu bench-service bench-client protoc-venv minversions-venv \
+        frameworks bench-frameworks
 
 serve: setup
 	$(PY) -m focalserve $(ARGS)
@@ -98,5 +100,18 @@ $(BENCH_VENV)/.installed: requirements.lock requirements-bench.txt
 alerts: $(DEPS)
 	$(PY) deploy/prometheus/render_alerts.py
 
+# PaddlePaddle and PyTorch (CPU) for the drop-ins (README "Use it from PaddlePaddle / PyTorch"): their tests
+# (tests/test_frameworks.py builds this venv through this target), examples/ and benchmarks/frameworks.py.
+frameworks: $(FW_VENV)/.installed
+
+bench-frameworks: $(FW_VENV)/.installed
+	$(FW_VENV)/bin/python benchmarks/frameworks.py $(BENCH_ARGS)
+
+$(FW_VENV)/.installed: requirements.lock requirements-frameworks.lock client/pyproject.toml server/pyproject.toml server/setup.py server/focalserve/backends/focal_loss_cpu.cpp
+	$(PYTHON) -m venv $(FW_VENV)
+	$(FW_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-frameworks.lock
+	$(FW_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e client -e server
+	touch $@
+
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) $(PROTOC_VENV) $(MIN_VENV) build server/build *.egg-info client/*.egg-info server/*.egg-info server/focalserve/backends/*.so
+	rm -rf $(VENV) $(BENCH_VENV) $(PROTOC_VENV) $(MIN_VENV) $(FW_VENV) build server/build *.egg-info client/*.egg-info server/*.egg-info server/focalserve/backends/*.so

@@ -7,6 +7,8 @@
 
 from .client import (ComputeResult, FocalLossClient, FocalLossError, ItemStats, StreamSummary, build_request,
                      service_config)
+from .evaluator import Evaluator
 
 __all__ = ["ComputeResult", "FocalLossClient", "FocalLossError", "ItemStats", "StreamSummary", "build_request",
            "service_config"]
+__all__ += ["Evaluator"]
