@@ -112,7 +112,7 @@ def test_buf_breaking_against_first_release(buf, first_release):
 
 @pytest.mark.parametrize("old, new, message", [
     ("  bytes data = 3;", "  bytes payload = 3;", 'Field "3" on message "Tensor" changed name from "data" to "payload"'),
-    ("  bool compute_grad = 9;", "  bool compute_grad = 12;", 'Previously present field "9" with name "compute_grad"'),
+    ("  bool compute_grad = 9;", "  bool compute_grad = 13;", 'Previously present field "9" with name "compute_grad"'),
     ("  DTYPE_BOOL = 8;", "  DTYPE_BOOLEAN = 8;", 'Enum value "8" on enum "DType" changed name from "DTYPE_BOOL"'),
     ("  rpc GetServerInfo(", "  rpc ServerInfo(", 'Previously present RPC "GetServerInfo"'),
 ])

@@ -410,7 +410,7 @@ def test_make_targets_exist():
     assert named - targets == set(), f"make targets the README names but the Makefile lacks: {named - targets}"
     serve = re.search(r'`make serve ARGS="([^"]+)"`', _readme())
     assert serve, "the README no longer shows how `make serve` takes flags"
-    dry = subprocess.run(["make", "-n", "serve", f"ARGS={serve.group(1)}"], cwd=REPO, capture_output=True,
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "serve", f"ARGS={serve.group(1)}"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert dry.returncode == 0 and dry.stdout.rstrip().splitlines()[-1].endswith(
         f"-m focalserve {serve.group(1)}"), dry.stdout + dry.stderr
