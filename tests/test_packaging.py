@@ -165,7 +165,7 @@ def test_installed_versions_are_the_minimum(min_venv):
     """pip changed nothing: the venv holds exactly the lock's versions and the client (no server package)."""
     r = _run([min_venv, "-m", "pip", "list", "--format=json", "--disable-pip-version-check"], timeout=120)
     installed = {canonicalize_name(p["name"]): p["version"] for p in json.loads(r.stdout)}
-    assert installed.pop("focalserve-client") == "0.1.0"
+    assert installed.pop("focalserve-client") == "0.2.0"
     for tool in ("pip", "setuptools", "wheel"):
         installed.pop(tool, None)
     assert installed == _lock(MIN_LOCK)

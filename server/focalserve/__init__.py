@@ -4,4 +4,4 @@ import os
 # per failed TLS handshake through). Read when grpc is first imported, hence here; GRPC_VERBOSITY overrides.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
