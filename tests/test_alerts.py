@@ -119,6 +119,11 @@ def test_unit_tests_cover_every_alert_firing_and_quiet():
 
 # ---- a real Prometheus, a real server at its limit ----
 
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return reply.read().decode()
+
+
 def _get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as reply:
         return json.loads(reply.read())
@@ -189,9 +194,16 @@ def test_real_prometheus_fires_overload_alerts(tmp_path, prometheus_with_rules):
                 return
                 yield  # pragma: no cover - a generator that sends nothing until released
 
-            # An open ComputeStream that sends nothing holds the one slot: every other call is refused.
+            # An open ComputeStream that sends nothing holds the one slot: every other call is refused. No
+            # Compute goes out before the server has started the stream: one arriving first would hold the
+            # slot at that moment and get the stream itself refused.
             holder = stub.ComputeStream(held_requests(), timeout=120)
-            for _ in range(100):  # until the server has started the stream (its call may still be on its way)
+            started = re.compile(r'^grpc_server_started_total\{[^}]*grpc_method="ComputeStream"[^}]*\} 1\.0$', re.M)
+            deadline = time.monotonic() + 30
+            while not started.search(_metrics(metrics_port)):
+                assert time.monotonic() < deadline, "the held ComputeStream never started"
+                time.sleep(0.05)
+            for _ in range(100):  # its slot is taken right after it counts as started
                 try:
                     stub.Compute(request, timeout=5)
                     time.sleep(0.05)
