@@ -29,6 +29,7 @@ const PROTO_FILE = 'focalloss/v1/focal_loss.proto';
 const SERVICE = 'focalloss.v1.FocalLossService';
 const DEFAULT_TIMEOUT_MS = 60000;
 const DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024;
+const DEFAULT_FLOW_CONTROL_WINDOW_BYTES = 64 * 1024 * 1024;
 const LITTLE_ENDIAN = os.endianness() === 'LE';
 
 const LOADER_OPTIONS = {
@@ -486,14 +487,14 @@ function decodeResponse(response) {
 }
 
 function serviceConfig(maxAttempts) {
-  return JSON.stringify({ methodConfig: [{
-    name: [{ service: SERVICE }],
+  // maxAttempts 1 means no retries: gRPC refuses a retry policy of fewer than 2 attempts (the whole channel)
+  const retryPolicy = maxAttempts >= 2 ? {
     retryPolicy: { maxAttempts, initialBackoff: '0.1s', maxBackoff: '2s', backoffMultiplier: 2,
       // CANCELLED too, as the Python client: a server shutting down cancels calls it received but had not
       // started (grpc/grpc#41785). Every call is a pure function, so a retry is always safe; gRPC never retries
       // once response headers came, nor a call this client cancelled.
-      retryableStatusCodes: ['UNAVAILABLE', 'CANCELLED'] },
-  }] });
+      retryableStatusCodes: ['UNAVAILABLE', 'CANCELLED'] } } : {};
+  return JSON.stringify({ methodConfig: [{ name: [{ service: SERVICE }], ...retryPolicy }] });
 }
 
 function bearer(token) {
@@ -508,7 +509,11 @@ function bearer(token) {
  * default), maxAttempts (UNAVAILABLE and CANCELLED by the server are retried with exponential backoff,
  * default 5), token (sent as `authorization: Bearer <token>` with every call), credentials (default insecure;
  * grpc.credentials.createSsl(...) for TLS), retryBufferBytes (what all calls in flight may hold for retries
- * together, default 4 × maxMessageBytes), channelOptions (extra grpc-js channel options).
+ * together, default 4 × maxMessageBytes), flowControlWindowBytes (HTTP/2 receive window, default 64 MiB),
+ * channelOptions (extra grpc-js channel options).
+ *
+ * Node's HTTP/2 window is 64 KiB unless raised: a large response then arrives 64 KiB per round trip of
+ * WINDOW_UPDATE (4M elements with a gradient: 30-36 M el/s at 64 KiB, 49-51 at 64 MiB, benchmarks/node_client.js).
  *
  * gRPC keeps each request until its call commits so that it can resend it; a request that does not fit the
  * per-call or the channel-wide retry buffer is sent once, without retries. The buffers hold the requests
@@ -519,6 +524,7 @@ function createClient(target, options = {}) {
   const timeoutMs = options.timeoutMs !== undefined ? options.timeoutMs : DEFAULT_TIMEOUT_MS;
   const maxMessageBytes = options.maxMessageBytes || DEFAULT_MAX_MESSAGE_BYTES;
   const retryBufferBytes = options.retryBufferBytes || 4 * maxMessageBytes;
+  const flowControlWindowBytes = options.flowControlWindowBytes || DEFAULT_FLOW_CONTROL_WINDOW_BYTES;
   const authorization = bearer(options.token);
   const { Service, ComputeResponse } = contract();
   const stub = new Service(target, options.credentials || grpc.credentials.createInsecure(), {
@@ -527,6 +533,7 @@ function createClient(target, options = {}) {
     'grpc.service_config': serviceConfig(options.maxAttempts || 5),
     'grpc.per_rpc_retry_buffer_size': maxMessageBytes,
     'grpc.retry_buffer_size': Math.max(retryBufferBytes, maxMessageBytes),
+    'grpc-node.flow_control_window': flowControlWindowBytes,
     ...(options.channelOptions || {}),
   });
 

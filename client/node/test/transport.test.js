@@ -87,6 +87,31 @@ test('a 24 MiB request is retried: the channel-wide retry buffer holds it (grpc-
   assert.ok(Buffer.from(logit.buffer).equals(seen[1].request.logit.data));
 });
 
+test('the HTTP/2 receive window the client announces is 64 MiB (Node\'s 65,535 B default halves large responses)', async () => {
+  // a bare HTTP/2 server reads the SETTINGS the client's connection opens with; the call itself then fails
+  const http2 = require('node:http2');
+  const announced = [];
+  const sessions = [];
+  const server = http2.createServer();
+  server.on('session', (session) => {
+    sessions.push(session);
+    session.on('remoteSettings', (s) => announced.push(s.initialWindowSize));
+  });
+  server.on('stream', (stream) => stream.respond(  // a trailers-only gRPC answer: UNIMPLEMENTED
+    { ':status': 200, 'content-type': 'application/grpc', 'grpc-status': '12', 'grpc-message': 'probe' },
+    { endStream: true }));
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const target = `127.0.0.1:${server.address().port}`;
+  for (const [options, expected] of [[{}, 64 * MiB], [{ flowControlWindowBytes: 8 * MiB }, 8 * MiB]]) {
+    const client = createClient(target, { maxAttempts: 1, timeoutMs: 5000, ...options });
+    await assert.rejects(client.compute(batch(4)), (e) => e.code === grpc.status.UNIMPLEMENTED);
+    client.close();
+    assert.equal(announced.at(-1), expected);
+  }
+  for (const session of sessions) session.destroy();
+  await new Promise((resolve) => server.close(resolve));
+});
+
 test('other refusals are not retried, and maxAttempts bounds the retries', async () => {
   const invalid = await computeOnce(() => ({ error: { code: grpc.status.INVALID_ARGUMENT, details: 'alpha: no' } }),
     batch(4));
