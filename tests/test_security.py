@@ -52,12 +52,15 @@ class Pki:
                                             self.read(f"{client}.pem") if client else None)
 
 
-def _issue(pki_dir: Path, name: str, issuer: tuple | None = None, *, ca: bool = False,
-           server: bool = False) -> tuple:
-    """Writes name.pem and name.key; self-signed without `issuer` (cert, key). Returns (cert, key)."""
+def issue(pki_dir: Path, name: str, issuer: tuple | None = None, *, cn: str | None = None,
+          sans: list | None = None, server: bool = False) -> tuple:
+    """Writes name.pem and name.key: a self-signed CA without `issuer` (its (cert, key)), else a leaf it signs
+    (common name `cn`, subject alternative names `sans`; a server's are localhost and 127.0.0.1).
+    Returns (cert, key)."""
+    ca = issuer is None
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "focalserve tests"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, f"focalserve test {name}")])
+                         x509.NameAttribute(NameOID.COMMON_NAME, cn or f"focalserve test {name}")])
     issuer_cert, issuer_key = issuer or (None, key)
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (x509.CertificateBuilder()
@@ -76,8 +79,9 @@ def _issue(pki_dir: Path, name: str, issuer: tuple | None = None, *, ca: bool = 
         builder = builder.add_extension(x509.ExtendedKeyUsage(
             [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
     if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(issuer_key, hashes.SHA256())
     (pki_dir / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (pki_dir / f"{name}.key").write_bytes(key.private_bytes(
@@ -88,11 +92,11 @@ def _issue(pki_dir: Path, name: str, issuer: tuple | None = None, *, ca: bool = 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
-    ca = _issue(d, "ca", ca=True)
-    _issue(d, "server", ca, server=True)
-    _issue(d, "client", ca)
-    other_ca = _issue(d, "other-ca", ca=True)
-    _issue(d, "other-client", other_ca)
+    ca = issue(d, "ca")
+    issue(d, "server", ca, server=True)
+    issue(d, "client", ca)
+    other_ca = issue(d, "other-ca")
+    issue(d, "other-client", other_ca)
     return Pki(d)
 
 

@@ -25,7 +25,8 @@ from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 from focalserve_client import FocalLossClient
 from focalserve_client.client import build_request
 from test_security import DOC_LABEL, DOC_LOGIT, DOC_LOSS, SERVER_ARGS, start_tls_server
-from test_tls_rotation import channel_credentials, issue
+from test_security import issue
+from test_tls_rotation import channel_credentials
 
 TOKEN = "s3cret-token.for_tests"
 SERVICE_NAMES = {"focalloss.v1.FocalLossService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",

@@ -4,8 +4,6 @@ made here."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import shutil
 import subprocess
@@ -18,46 +16,18 @@ import grpc
 import numpy as np
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 from focalserve_client.client import FocalLossError, build_request
 from focalserve_client.tensor import decode
-from test_security import DOC_LABEL, DOC_LOGIT, DOC_LOSS, SERVER_ARGS, start_tls_server
+from test_security import DOC_LABEL, DOC_LOGIT, DOC_LOSS, SERVER_ARGS, issue, start_tls_server
 
 # every test channel opens its own connection: a channel sharing another's (gRPC's global subchannel pool)
 # would not show which certificate a new connection gets
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
-
-
-def issue(d: Path, name: str, issuer: tuple | None = None, *, cn: str | None = None, sans: list | None = None,
-          server: bool = False) -> tuple:
-    """Writes d/name.pem and d/name.key: a CA without `issuer`, else a leaf it signs. Returns (cert, key)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn or f"focalserve test {name}")])
-    issuer_cert, issuer_key = issuer or (None, key)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder()
-               .subject_name(subject).issuer_name(issuer_cert.subject if issuer_cert else subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True))
-    if issuer is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(
-            [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        if server:
-            sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = builder.sign(issuer_key, hashes.SHA256())
-    (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / f"{name}.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return cert, key
 
 
 def read(d: Path, name: str) -> bytes:
