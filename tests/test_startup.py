@@ -24,8 +24,7 @@ from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 from focalserve_client import FocalLossClient
 from focalserve_client.client import build_request
-from test_security import DOC_LABEL, DOC_LOGIT, DOC_LOSS, SERVER_ARGS, start_tls_server
-from test_security import issue
+from test_security import DOC_LABEL, DOC_LOGIT, DOC_LOSS, SERVER_ARGS, issue, start_tls_server
 from test_tls_rotation import channel_credentials
 
 TOKEN = "s3cret-token.for_tests"
