@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,12 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def metrics_text(port: int, timeout: float = 10.0) -> str:
+    """A server's /metrics page (Prometheus text format) on `port` of 127.0.0.1."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as reply:
+        return reply.read().decode()
 
 
 def wait_serving(target: str, process: subprocess.Popen, timeout: float = 60.0) -> None:

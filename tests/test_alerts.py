@@ -11,14 +11,13 @@ import subprocess
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, debian_tool, free_port, start_server
+from conftest import REPO, debian_tool, free_port, metrics_text, start_server
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 from focalserve_client.client import build_request
 
@@ -119,11 +118,6 @@ def test_unit_tests_cover_every_alert_firing_and_quiet():
 
 # ---- a real Prometheus, a real server at its limit ----
 
-def _metrics(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        return reply.read().decode()
-
-
 def _get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as reply:
         return json.loads(reply.read())
@@ -200,7 +194,7 @@ def test_real_prometheus_fires_overload_alerts(tmp_path, prometheus_with_rules):
             holder = stub.ComputeStream(held_requests(), timeout=120)
             started = re.compile(r'^grpc_server_started_total\{[^}]*grpc_method="ComputeStream"[^}]*\} 1\.0$', re.M)
             deadline = time.monotonic() + 30
-            while not started.search(_metrics(metrics_port)):
+            while not started.search(metrics_text(metrics_port)):
                 assert time.monotonic() < deadline, "the held ComputeStream never started"
                 time.sleep(0.05)
             for _ in range(100):  # its slot is taken right after it counts as started
@@ -309,8 +303,7 @@ def test_dashboard_queries_parse_and_name_exposed_metrics(promtool, tmp_path):
     metrics_port = free_port()
     srv = start_server(tmp_path, "--metrics-port", str(metrics_port))
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
-            exposed = exposed_names(reply.read().decode())
+        exposed = exposed_names(metrics_text(metrics_port))
     finally:
         assert srv.stop() == 0
     for title, expr in queries:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import EXPECTED_BACKEND, debian_tool, free_port, start_server
+from conftest import EXPECTED_BACKEND, debian_tool, free_port, metrics_text, start_server
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalloss.v1 import focal_loss_pb2_grpc as pb_grpc
 from focalserve.service import INLINE_BYTES
@@ -34,7 +34,7 @@ def _http_get(url: str, timeout: float = 5.0) -> str:
 def scrape(port: int) -> dict[str, float]:
     """The /metrics samples as {'name{label="v",...}': value} (labels sorted as exposed)."""
     samples = {}
-    for line in _http_get(f"http://127.0.0.1:{port}/metrics").splitlines():
+    for line in metrics_text(port).splitlines():
         if line and not line.startswith("#"):
             key, _, value = line.rpartition(" ")
             samples[key] = float(value)

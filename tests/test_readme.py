@@ -36,14 +36,13 @@ import shutil
 import subprocess
 import sys
 import threading
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port, start_server
+from conftest import REPO, free_port, metrics_text, start_server
 from focalserve_client import FocalLossClient, FocalLossError
 from focalserve_client import client as client_module
 from test_node_client import node_modules  # noqa: F401  (the fixture: npm ci on first use)
@@ -364,8 +363,7 @@ def test_metrics_table_matches_metrics(tmp_path):
     try:
         with FocalLossClient(srv.target) as client:
             client.compute(np.array([[0.5, -1.0]], np.float32), np.array([[1.0, 0.0]], np.float32))
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-            text = reply.read().decode()
+        text = metrics_text(port)
     finally:
         srv.stop()
     types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))

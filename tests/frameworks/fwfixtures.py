@@ -5,12 +5,11 @@ Not a conftest.py: the suite's tests/conftest.py is imported as `conftest`, whic
 
 from __future__ import annotations
 
-import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, start_server
+from conftest import free_port, metrics_text, start_server
 from focalserve_client import FocalLossClient
 
 SERVICE = "focalloss.v1.FocalLossService"
@@ -36,7 +35,7 @@ def client(fw_server):
 def handled_calls(server) -> dict[str, float]:
     """grpc_server_started_total of the focal loss service, by method (counted as a call starts, so before its
     response reaches the client)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    text = metrics_text(server.metrics_port)
     calls: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
