@@ -21,7 +21,6 @@ median of the rounds' ratios.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from focalserve_client import FocalLossClient
-from report import cpu_model, emit, parse_size, size_label
+from report import emit, machine_line, parse_size, size_label, table
 from service import ENV, Servers, median_ratio, percentile, targets
 
 HERE = Path(__file__).resolve().parent
@@ -292,12 +291,10 @@ def main() -> int:
         floor.close()
         servers.close()
 
-    table = [f"Client over loopback, {cpu_model()}, {os.cpu_count()} cores, {datetime.date.today().isoformat()}: "
+    title = (f"{machine_line('Client over loopback')}: "
              f"`benchmarks/client.py{' --smoke' if args.smoke else f' --rounds {rounds} --split-bytes {args.split_bytes}'}`;"
-             " ratios: median over the rounds of floor time / client time (client time / floor time for p50)", "",
-             "| measurement | public client API | transport floor | ratio |", "|---|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    emit(table, args.write)
+             " ratios: median over the rounds of floor time / client time (client time / floor time for p50)")
+    emit(table(title, ["measurement", "public client API", "transport floor", "ratio"], rows), args.write)
     return 0
 
 

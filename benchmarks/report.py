@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import os
 import platform
 
 
@@ -28,6 +30,17 @@ def size_label(n: int) -> str:
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift}{unit}"
     return str(n)
+
+
+def machine_line(what: str) -> str:
+    """'<what>, <CPU model>, <n> cores, <date>': how every table starts."""
+    return f"{what}, {cpu_model()}, {os.cpu_count()} cores, {datetime.date.today().isoformat()}"
+
+
+def table(title: str, columns: list[str], rows: list[tuple]) -> list[str]:
+    """A Markdown table under its title line."""
+    return [title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
 
 
 def emit(lines: list[str], write: str | None) -> None:

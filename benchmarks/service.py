@@ -23,7 +23,6 @@ round; a ratio is the median of the rounds' ratios.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import socket
 import statistics
@@ -38,7 +37,7 @@ import numpy as np
 
 from focalloss.v1 import focal_loss_pb2 as pb
 from focalserve_client.client import build_request
-from report import cpu_model, emit, size_label
+from report import emit, machine_line, size_label, table
 
 HERE = Path(__file__).resolve().parent
 LIMIT = 256 * 1024 * 1024
@@ -305,12 +304,10 @@ def main() -> int:
     bench_concurrency(lambda: Servers(processes=2), [4, 16], (1 << 20) // scale, seconds, rounds, rows,
                       label=", 2 processes")
 
-    table = [f"Service over loopback, {cpu_model()}, {os.cpu_count()} cores, {datetime.date.today().isoformat()}: "
-             f"`benchmarks/service.py{' --quick' if args.quick else ' --smoke' if args.smoke else ''}`, {rounds} rounds; ratios: median over the rounds "
-             "of focalserve / floor measured back to back", "",
-             "| measurement | focalserve | transport floor | ratio |", "|---|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    emit(table, args.write)
+    title = (f"{machine_line('Service over loopback')}: "
+             f"`benchmarks/service.py{' --quick' if args.quick else ' --smoke' if args.smoke else ''}`, {rounds} rounds; "
+             "ratios: median over the rounds of focalserve / floor measured back to back")
+    emit(table(title, ["measurement", "focalserve", "transport floor", "ratio"], rows), args.write)
     return 0
 
 
